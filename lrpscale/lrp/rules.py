@@ -1,0 +1,315 @@
+"""LRP rules: one small class per rule, each bound to one layer of the model.
+
+A rule runs its layer's forward pass, keeping what its backward pass needs (``ctx``), and maps
+the relevance at the layer's output to relevance at its input. Relevance tensors carry a
+condition axis after the batch axis, ``(N, M, *shape)``: M masked variants of the same images
+share one forward pass, which is what makes restricted propagation and k sweeps cheap.
+
+Every rule is equal to zennit's rule of the same name (zennit/rules.py, version 0.5.1), but
+computed directly: rule-modified weights are cached once per explainer, inputs known to be
+non-negative (after a ReLU) skip the terms that vanish, and the transposed convolution is called
+once per term instead of re-running the layer's forward through autograd.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.grad import conv2d_input
+
+Tensor = torch.Tensor
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """z + epsilon * sign(z), with sign(0) = +1 (zennit's default stabiliser)."""
+    return z + ((z == 0).to(z) + z.sign()) * epsilon
+
+
+def _conditions_first(relevance: Tensor) -> tuple[Tensor, int, int]:
+    """(N, M, *s) -> (N*M, *s), returning N and M to undo it."""
+    n, m = relevance.shape[:2]
+    return relevance.reshape(n * m, *relevance.shape[2:]), n, m
+
+
+class Rule:
+    """Base class. ``forward(x) -> (y, ctx)``; ``backward(relevance (N,M,*out), ctx) -> (N,M,*in)``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    def backward(self, relevance: Tensor, ctx: dict) -> Tensor:
+        raise NotImplementedError
+
+
+class Pass(Rule):
+    """ReLU, dropout (eval) and identity layers hand relevance through unchanged."""
+
+    def __init__(self, module: nn.Module):
+        self.relu = isinstance(module, nn.ReLU)
+
+    def forward(self, x):
+        # never in place: the input of the previous layer's output is kept for its backward pass
+        return (F.relu(x) if self.relu else x), {}
+
+    def backward(self, relevance, ctx):
+        return relevance
+
+
+class Flatten(Rule):
+    """The flatten between the pooled features and the classifier."""
+
+    def forward(self, x):
+        return x.flatten(1), {"shape": x.shape[1:]}
+
+    def backward(self, relevance, ctx):
+        return relevance.reshape(*relevance.shape[:2], *ctx["shape"])
+
+
+class WinnerTakesAll(Rule):
+    """Max-pooling: all relevance of a window goes to the position that won the forward max."""
+
+    def __init__(self, module: nn.MaxPool2d):
+        self.module = module
+
+    def forward(self, x):
+        m = self.module
+        y, indices = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+        return y, {"indices": indices, "in_shape": x.shape}
+
+    def backward(self, relevance, ctx):
+        flat, n, m = _conditions_first(relevance)
+        c, h, w = ctx["in_shape"][1:]
+        indices = ctx["indices"].unsqueeze(1).expand(n, m, *ctx["indices"].shape[1:]).reshape(n * m, c, -1)
+        out = flat.new_zeros(n * m, c, h * w)
+        # scatter_add, not max_unpool: overlapping windows must add up, as the gradient does
+        out.scatter_add_(2, indices, flat.reshape(n * m, c, -1))
+        return out.view(n, m, c, h, w)
+
+
+class Norm(Rule):
+    """Average pooling: relevance is shared in proportion to each input's contribution."""
+
+    def __init__(self, module: nn.Module, stabilizer: float = 1e-6):
+        self.module = module
+        self.stabilizer = stabilizer
+
+    def forward(self, x):
+        y = self.module(x)
+        return y, {"x": x, "y": y}
+
+    def backward(self, relevance, ctx):
+        x, y = ctx["x"], ctx["y"]
+        if x.shape == y.shape:  # VGG's adaptive pool at the native size is the identity
+            return x.unsqueeze(1) * relevance / stabilize(y, self.stabilizer).unsqueeze(1)
+        scaled, n, m = _conditions_first(relevance / stabilize(y, self.stabilizer).unsqueeze(1))
+        shaped = x.unsqueeze(1).expand(n, m, *x.shape[1:]).reshape(n * m, *x.shape[1:])
+        if isinstance(self.module, nn.AdaptiveAvgPool2d):
+            spread = torch.ops.aten._adaptive_avg_pool2d_backward(scaled, shaped)
+        else:
+            mod = self.module
+            spread = torch.ops.aten.avg_pool2d_backward(
+                scaled, shaped, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                mod.divisor_override,
+            )
+        return x.unsqueeze(1) * spread.view(n, m, *x.shape[1:])
+
+
+class AffineRule(Rule):
+    """Base for rules of conv and linear layers: the layer's forward and its transpose."""
+
+    def __init__(self, module: nn.Module, nonneg_input: bool):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{type(self).__name__} needs a Conv2d or Linear layer, got {type(module).__name__}")
+        self.module = module
+        self.nonneg_input = nonneg_input
+        self.weight = module.weight.detach()
+        self.bias = module.bias.detach() if module.bias is not None else torch.zeros(
+            module.weight.shape[0], device=module.weight.device, dtype=module.weight.dtype
+        )
+
+    def affine(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's own map with other parameters: (N, *in) -> (N, *out)."""
+        if isinstance(self.module, nn.Linear):
+            return F.linear(x, weight, bias)
+        m = self.module
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def transpose(self, scaled: Tensor, weight: Tensor, in_shape: torch.Size) -> Tensor:
+        """The transpose of the linear part: (N, M, *out) -> (N, M, *in)."""
+        if isinstance(self.module, nn.Linear):
+            return scaled @ weight
+        flat, n, m = _conditions_first(scaled)
+        mod = self.module
+        out = conv2d_input((n * m, *in_shape), weight, flat, mod.stride, mod.padding, mod.dilation, mod.groups)
+        return out.view(n, m, *in_shape)
+
+    def forward(self, x):
+        z = self.affine(x, self.weight, self.bias)
+        return z, {"x": x, "z": z}
+
+
+class Epsilon(AffineRule):
+    """R_in = x * W^T (R / stab(z)) with z = Wx + b."""
+
+    def __init__(self, module, nonneg_input, epsilon: float = 1e-6):
+        super().__init__(module, nonneg_input)
+        self.epsilon = epsilon
+
+    def backward(self, relevance, ctx):
+        x, z = ctx["x"], ctx["z"]
+        scaled = relevance / stabilize(z, self.epsilon).unsqueeze(1)
+        return x.unsqueeze(1) * self.transpose(scaled, self.weight, x.shape[1:])
+
+
+def _split_sign(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.clamp(min=0), x.clamp(max=0)
+
+
+class Gamma(AffineRule):
+    """Generalised gamma rule (zennit ``Gamma``).
+
+    Outputs with z > 0 are explained with W + gamma W+ (on positive inputs) and W + gamma W- (on
+    negative inputs); outputs with z < 0 the other way round. ``nonneg_input`` drops the terms of
+    negative inputs; ``relu_after`` drops the z < 0 branch because relevance reaching a ReLU'd
+    output is zero wherever the ReLU output is zero (every rule above multiplies by its input).
+    That leaves one modified forward and one transposed convolution per layer.
+    """
+
+    def __init__(self, module, nonneg_input, relu_after: bool, gamma: float = 0.25, stabilizer: float = 1e-6):
+        super().__init__(module, nonneg_input)
+        self.relu_after = relu_after
+        self.stabilizer = stabilizer
+        w, b = self.weight, self.bias
+        self.w_pos, self.b_pos = w + gamma * w.clamp(min=0), b + gamma * b.clamp(min=0)
+        self.w_neg, self.b_neg = w + gamma * w.clamp(max=0), b + gamma * b.clamp(max=0)
+
+    def _denominators(self, ctx: dict) -> tuple[Tensor, Tensor | None]:
+        if "z_pos" not in ctx:  # computed once per forward, shared by every later backward
+            x = ctx["x"]
+            if self.nonneg_input:
+                ctx["z_pos"] = self.affine(x, self.w_pos, self.b_pos)
+                ctx["z_neg"] = None if self.relu_after else self.affine(x, self.w_neg, self.b_neg)
+            else:
+                xp, xn = _split_sign(x)
+                ctx["z_pos"] = self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg)
+                ctx["z_neg"] = self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos)
+        return ctx["z_pos"], ctx["z_neg"]
+
+    def backward(self, relevance, ctx):
+        x, z = ctx["x"], ctx["z"]
+        z_pos, z_neg = self._denominators(ctx)
+        in_shape = x.shape[1:]
+        if self.nonneg_input and self.relu_after:
+            return x.unsqueeze(1) * self.transpose(relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1),
+                                                   self.w_pos, in_shape)
+        s_pos = relevance * ((z > 0).to(z) / stabilize(z_pos, self.stabilizer)).unsqueeze(1)
+        s_neg = relevance * ((z < 0).to(z) / stabilize(z_neg, self.stabilizer)).unsqueeze(1)
+        if self.nonneg_input:
+            spread = self.transpose(s_pos, self.w_pos, in_shape) + self.transpose(s_neg, self.w_neg, in_shape)
+            return x.unsqueeze(1) * spread
+        xp, xn = (t.unsqueeze(1) for t in _split_sign(x))
+        return (xp * (self.transpose(s_pos, self.w_pos, in_shape) + self.transpose(s_neg, self.w_neg, in_shape))
+                + xn * (self.transpose(s_pos, self.w_neg, in_shape) + self.transpose(s_neg, self.w_pos, in_shape)))
+
+
+class AlphaBeta(AffineRule):
+    """alpha * (positive contributions) - beta * (negative contributions), zennit ``AlphaBeta``.
+
+    ZPlus is AlphaBeta with alpha=1, beta=0 (zennit computes it the same way).
+    """
+
+    def __init__(self, module, nonneg_input, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+        super().__init__(module, nonneg_input)
+        if alpha < 0 or beta < 0 or alpha - beta != 1:
+            raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+        w, b = self.weight, self.bias
+        self.w_pos, self.b_pos = w.clamp(min=0), b.clamp(min=0)
+        self.w_neg, self.b_neg = w.clamp(max=0), b.clamp(max=0)
+
+    def _denominators(self, ctx):
+        if "z_pos" not in ctx:
+            x = ctx["x"]
+            if self.nonneg_input:
+                ctx["z_pos"] = self.affine(x, self.w_pos, self.b_pos)
+                ctx["z_neg"] = self.affine(x, self.w_neg, self.b_neg) if self.beta else None
+            else:
+                xp, xn = _split_sign(x)
+                ctx["z_pos"] = self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg)
+                ctx["z_neg"] = self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos)
+        return ctx["z_pos"], ctx["z_neg"]
+
+    def backward(self, relevance, ctx):
+        x = ctx["x"]
+        in_shape = x.shape[1:]
+        z_pos, z_neg = self._denominators(ctx)
+        s_pos = relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1)
+        if self.nonneg_input:
+            spread = self.alpha * self.transpose(s_pos, self.w_pos, in_shape)
+            if self.beta:
+                s_neg = relevance / stabilize(z_neg, self.stabilizer).unsqueeze(1)
+                spread = spread - self.beta * self.transpose(s_neg, self.w_neg, in_shape)
+            return x.unsqueeze(1) * spread
+        s_neg = relevance / stabilize(z_neg, self.stabilizer).unsqueeze(1)
+        xp, xn = (t.unsqueeze(1) for t in _split_sign(x))
+        positive = xp * self.transpose(s_pos, self.w_pos, in_shape) + xn * self.transpose(s_pos, self.w_neg, in_shape)
+        negative = xp * self.transpose(s_neg, self.w_neg, in_shape) + xn * self.transpose(s_neg, self.w_pos, in_shape)
+        return self.alpha * positive - self.beta * negative
+
+
+class ZBox(AffineRule):
+    """z^B rule for the first layer, with pixel bounds ``low``/``high`` (zennit ``ZBox``).
+
+    R_in = x W^T s - low W+^T s - high W-^T s with s = R / stab(z - z_low - z_high). The bound
+    terms z_low = W+ low + b+ and z_high = W- high + b- do not depend on the image: they are
+    computed once per input size.
+    """
+
+    def __init__(self, module, nonneg_input, low: Tensor, high: Tensor, stabilizer: float = 1e-6):
+        super().__init__(module, nonneg_input)
+        device, dtype = self.weight.device, self.weight.dtype
+        self.low = torch.as_tensor(low, device=device, dtype=dtype).reshape(1, -1, 1, 1)
+        self.high = torch.as_tensor(high, device=device, dtype=dtype).reshape(1, -1, 1, 1)
+        self.stabilizer = stabilizer
+        w, b = self.weight, self.bias
+        self.w_pos, self.b_pos = w.clamp(min=0), b.clamp(min=0)
+        self.w_neg, self.b_neg = w.clamp(max=0), b.clamp(max=0)
+        self._bounds: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def _bound_images(self, in_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
+        """(low image, high image, z_low + z_high) for one input size, cached."""
+        key = tuple(in_shape)
+        if key not in self._bounds:
+            low = self.low.expand(1, *in_shape).contiguous()
+            high = self.high.expand(1, *in_shape).contiguous()
+            offset = self.affine(low, self.w_pos, self.b_pos) + self.affine(high, self.w_neg, self.b_neg)
+            self._bounds[key] = (low, high, offset)
+        return self._bounds[key]
+
+    def backward(self, relevance, ctx):
+        x, z = ctx["x"], ctx["z"]
+        in_shape = x.shape[1:]
+        low, high, offset = self._bound_images(in_shape)
+        scaled = relevance / stabilize(z - offset, self.stabilizer).unsqueeze(1)
+        return (x.unsqueeze(1) * self.transpose(scaled, self.weight, in_shape)
+                - low.unsqueeze(1) * self.transpose(scaled, self.w_pos, in_shape)
+                - high.unsqueeze(1) * self.transpose(scaled, self.w_neg, in_shape))
+
+
+class Flat(AffineRule):
+    """Flat rule (zennit ``Flat``): relevance spread uniformly over each output's receptive field."""
+
+    def __init__(self, module, nonneg_input, stabilizer: float = 1e-6):
+        super().__init__(module, nonneg_input)
+        self.ones = torch.ones_like(self.weight)
+        self.stabilizer = stabilizer
+        self._counts: dict[tuple, Tensor] = {}
+
+    def backward(self, relevance, ctx):
+        in_shape = ctx["x"].shape[1:]
+        key = tuple(in_shape)
+        if key not in self._counts:  # receptive-field sizes depend only on the input size
+            self._counts[key] = self.affine(torch.ones(1, *in_shape, device=self.ones.device, dtype=self.ones.dtype),
+                                            self.ones)
+        scaled = relevance / stabilize(self._counts[key], self.stabilizer).unsqueeze(1)
+        return self.transpose(scaled, self.ones, in_shape)
