@@ -9,6 +9,7 @@ import hashlib
 import json
 import pickle
 import re
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,8 @@ def _vgg_shape_from_state(state: dict[str, torch.Tensor]) -> dict:
 
 def _imagenet_state(name: str) -> dict[str, torch.Tensor]:
     weights_enum = tv_vgg.__dict__[f"VGG{name[3:].replace('_bn', '_BN')}_Weights"].IMAGENET1K_V1
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # a firewall that drops packets must not hang the run
     try:
         return weights_enum.get_state_dict(progress=False)
     except Exception as error:  # urllib raises many kinds; all mean the same to the user
@@ -226,6 +229,8 @@ def _imagenet_state(name: str) -> dict[str, torch.Tensor]:
             f"cannot download imagenet weights for {name} ({type(error).__name__}: {error}); "
             f"without network, pass --weights PATH to a torchvision {name} state dict"
         ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def load_model(

@@ -12,17 +12,18 @@ once per term instead of re-running the layer's forward through autograd.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.grad import conv2d_input
 
 Tensor = torch.Tensor
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """z + epsilon * sign(z), with sign(0) = +1 (zennit's default stabiliser)."""
-    return z + ((z == 0).to(z) + z.sign()) * epsilon
+    return z + torch.where(z >= 0, epsilon, -epsilon)
 
 
 def _conditions_first(relevance: Tensor) -> tuple[Tensor, int, int]:
@@ -114,18 +115,32 @@ class Norm(Rule):
         return x.unsqueeze(1) * spread.view(n, m, *x.shape[1:])
 
 
-class AffineRule(Rule):
-    """Base for rules of conv and linear layers: the layer's forward and its transpose."""
+def _parameters(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of a conv/linear layer, detached; a missing bias is zeros."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else weight.new_zeros(weight.shape[0])
+    return weight, bias
 
-    def __init__(self, module: nn.Module, nonneg_input: bool):
+
+class AffineRule(Rule):
+    """Base for rules of conv and linear layers: the layer's forward and its transpose.
+
+    ``modified`` lists rule-modified (weight, bias) pairs whose outputs the backward pass divides
+    by. When the input is known to be non-negative they are computed in the forward pass, stacked
+    with the layer's own weights into one convolution: one call with 2-3x the output channels
+    costs far less than separate calls (the input is read once).
+    """
+
+    def __init__(self, module: nn.Module, nonneg_input: bool, modified: Sequence[tuple[Tensor, Tensor]] = ()):
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{type(self).__name__} needs a Conv2d or Linear layer, got {type(module).__name__}")
         self.module = module
         self.nonneg_input = nonneg_input
-        self.weight = module.weight.detach()
-        self.bias = module.bias.detach() if module.bias is not None else torch.zeros(
-            module.weight.shape[0], device=module.weight.device, dtype=module.weight.dtype
-        )
+        self.weight, self.bias = _parameters(module)
+        self.stacked = None
+        if nonneg_input and modified:
+            self.stacked = (torch.cat([self.weight] + [w for w, _ in modified]),
+                            torch.cat([self.bias] + [b for _, b in modified]))
 
     def affine(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The layer's own map with other parameters: (N, *in) -> (N, *out)."""
@@ -140,12 +155,19 @@ class AffineRule(Rule):
             return scaled @ weight
         flat, n, m = _conditions_first(scaled)
         mod = self.module
-        out = conv2d_input((n * m, *in_shape), weight, flat, mod.stride, mod.padding, mod.dilation, mod.groups)
+        # conv_transpose2d is the same map as the input gradient (conv2d_input) but runs faster
+        natural = [(size - 1) * stride - 2 * pad + dil * (k - 1) + 1 for size, stride, pad, dil, k in zip(
+            flat.shape[2:], mod.stride, mod.padding, mod.dilation, weight.shape[2:])]
+        padding_out = [want - got for want, got in zip(in_shape[1:], natural)]
+        out = F.conv_transpose2d(flat, weight, None, mod.stride, mod.padding, padding_out, mod.groups, mod.dilation)
         return out.view(n, m, *in_shape)
 
     def forward(self, x):
-        z = self.affine(x, self.weight, self.bias)
-        return z, {"x": x, "z": z}
+        if self.stacked is None:
+            z = self.affine(x, self.weight, self.bias)
+            return z, {"x": x, "z": z}
+        outputs = self.affine(x, *self.stacked).split(self.weight.shape[0], dim=1)
+        return outputs[0], {"x": x, "z": outputs[0], "z_mod": outputs[1:]}
 
 
 class Epsilon(AffineRule):
@@ -158,7 +180,7 @@ class Epsilon(AffineRule):
     def backward(self, relevance, ctx):
         x, z = ctx["x"], ctx["z"]
         scaled = relevance / stabilize(z, self.epsilon).unsqueeze(1)
-        return x.unsqueeze(1) * self.transpose(scaled, self.weight, x.shape[1:])
+        return self.transpose(scaled, self.weight, x.shape[1:]).mul_(x.unsqueeze(1))
 
 
 def _split_sign(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,41 +194,40 @@ class Gamma(AffineRule):
     negative inputs); outputs with z < 0 the other way round. ``nonneg_input`` drops the terms of
     negative inputs; ``relu_after`` drops the z < 0 branch because relevance reaching a ReLU'd
     output is zero wherever the ReLU output is zero (every rule above multiplies by its input).
-    That leaves one modified forward and one transposed convolution per layer.
+    That leaves one modified forward (stacked with the layer's own) and one transposed
+    convolution per layer.
     """
 
     def __init__(self, module, nonneg_input, relu_after: bool, gamma: float = 0.25, stabilizer: float = 1e-6):
-        super().__init__(module, nonneg_input)
+        w, b = _parameters(module)
+        pos = (w + gamma * w.clamp(min=0), b + gamma * b.clamp(min=0))
+        neg = (w + gamma * w.clamp(max=0), b + gamma * b.clamp(max=0))
+        super().__init__(module, nonneg_input, [pos] if relu_after else [pos, neg])
         self.relu_after = relu_after
         self.stabilizer = stabilizer
-        w, b = self.weight, self.bias
-        self.w_pos, self.b_pos = w + gamma * w.clamp(min=0), b + gamma * b.clamp(min=0)
-        self.w_neg, self.b_neg = w + gamma * w.clamp(max=0), b + gamma * b.clamp(max=0)
+        (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
 
     def _denominators(self, ctx: dict) -> tuple[Tensor, Tensor | None]:
-        if "z_pos" not in ctx:  # computed once per forward, shared by every later backward
-            x = ctx["x"]
-            if self.nonneg_input:
-                ctx["z_pos"] = self.affine(x, self.w_pos, self.b_pos)
-                ctx["z_neg"] = None if self.relu_after else self.affine(x, self.w_neg, self.b_neg)
-            else:
-                xp, xn = _split_sign(x)
-                ctx["z_pos"] = self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg)
-                ctx["z_neg"] = self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos)
-        return ctx["z_pos"], ctx["z_neg"]
+        if "z_mod" not in ctx:  # signed input: computed once per forward, shared by later backwards
+            xp, xn = _split_sign(ctx["x"])
+            ctx["z_mod"] = (self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg),
+                            self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos))
+        return ctx["z_mod"][0], (ctx["z_mod"][1] if len(ctx["z_mod"]) > 1 else None)
 
     def backward(self, relevance, ctx):
         x, z = ctx["x"], ctx["z"]
         z_pos, z_neg = self._denominators(ctx)
         in_shape = x.shape[1:]
         if self.nonneg_input and self.relu_after:
-            return x.unsqueeze(1) * self.transpose(relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1),
-                                                   self.w_pos, in_shape)
+            # relevance is non-zero only where z > 0, and there z_pos >= z > 0: the stabiliser
+            # is +eps; clamping keeps the (unused) other entries away from 0/0
+            scaled = relevance / z_pos.clamp(min=0).add_(self.stabilizer).unsqueeze(1)
+            return self.transpose(scaled, self.w_pos, in_shape).mul_(x.unsqueeze(1))
         s_pos = relevance * ((z > 0).to(z) / stabilize(z_pos, self.stabilizer)).unsqueeze(1)
         s_neg = relevance * ((z < 0).to(z) / stabilize(z_neg, self.stabilizer)).unsqueeze(1)
         if self.nonneg_input:
             spread = self.transpose(s_pos, self.w_pos, in_shape) + self.transpose(s_neg, self.w_neg, in_shape)
-            return x.unsqueeze(1) * spread
+            return spread.mul_(x.unsqueeze(1))
         xp, xn = (t.unsqueeze(1) for t in _split_sign(x))
         return (xp * (self.transpose(s_pos, self.w_pos, in_shape) + self.transpose(s_neg, self.w_neg, in_shape))
                 + xn * (self.transpose(s_pos, self.w_neg, in_shape) + self.transpose(s_neg, self.w_pos, in_shape)))
@@ -219,37 +240,35 @@ class AlphaBeta(AffineRule):
     """
 
     def __init__(self, module, nonneg_input, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
-        super().__init__(module, nonneg_input)
         if alpha < 0 or beta < 0 or alpha - beta != 1:
             raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
+        w, b = _parameters(module)
+        pos, neg = (w.clamp(min=0), b.clamp(min=0)), (w.clamp(max=0), b.clamp(max=0))
+        super().__init__(module, nonneg_input, [pos, neg] if beta else [pos])
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
-        w, b = self.weight, self.bias
-        self.w_pos, self.b_pos = w.clamp(min=0), b.clamp(min=0)
-        self.w_neg, self.b_neg = w.clamp(max=0), b.clamp(max=0)
+        (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
 
     def _denominators(self, ctx):
-        if "z_pos" not in ctx:
-            x = ctx["x"]
-            if self.nonneg_input:
-                ctx["z_pos"] = self.affine(x, self.w_pos, self.b_pos)
-                ctx["z_neg"] = self.affine(x, self.w_neg, self.b_neg) if self.beta else None
-            else:
-                xp, xn = _split_sign(x)
-                ctx["z_pos"] = self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg)
-                ctx["z_neg"] = self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos)
-        return ctx["z_pos"], ctx["z_neg"]
+        if "z_mod" not in ctx:
+            xp, xn = _split_sign(ctx["x"])
+            ctx["z_mod"] = (self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg),
+                            self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos))
+        return ctx["z_mod"][0], (ctx["z_mod"][1] if len(ctx["z_mod"]) > 1 else None)
 
     def backward(self, relevance, ctx):
         x = ctx["x"]
         in_shape = x.shape[1:]
         z_pos, z_neg = self._denominators(ctx)
-        s_pos = relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1)
         if self.nonneg_input:
-            spread = self.alpha * self.transpose(s_pos, self.w_pos, in_shape)
+            # with x >= 0, z_pos >= 0 and z_neg <= 0: their stabilisers are +eps and -eps (where
+            # z_neg == 0 every contribution is 0, so the sign of eps there does not matter)
+            scaled = relevance / z_pos.add(self.stabilizer).unsqueeze(1)
+            spread = self.transpose(scaled, self.w_pos, in_shape).mul_(self.alpha)
             if self.beta:
-                s_neg = relevance / stabilize(z_neg, self.stabilizer).unsqueeze(1)
-                spread = spread - self.beta * self.transpose(s_neg, self.w_neg, in_shape)
-            return x.unsqueeze(1) * spread
+                scaled = relevance / z_neg.sub(self.stabilizer).unsqueeze(1)
+                spread.sub_(self.transpose(scaled, self.w_neg, in_shape).mul_(self.beta))
+            return spread.mul_(x.unsqueeze(1))
+        s_pos = relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1)
         s_neg = relevance / stabilize(z_neg, self.stabilizer).unsqueeze(1)
         xp, xn = (t.unsqueeze(1) for t in _split_sign(x))
         positive = xp * self.transpose(s_pos, self.w_pos, in_shape) + xn * self.transpose(s_pos, self.w_neg, in_shape)
@@ -274,6 +293,7 @@ class ZBox(AffineRule):
         w, b = self.weight, self.bias
         self.w_pos, self.b_pos = w.clamp(min=0), b.clamp(min=0)
         self.w_neg, self.b_neg = w.clamp(max=0), b.clamp(max=0)
+        self.w_box = torch.cat([w, self.w_pos, self.w_neg], dim=1)
         self._bounds: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _bound_images(self, in_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
@@ -291,9 +311,11 @@ class ZBox(AffineRule):
         in_shape = x.shape[1:]
         low, high, offset = self._bound_images(in_shape)
         scaled = relevance / stabilize(z - offset, self.stabilizer).unsqueeze(1)
-        return (x.unsqueeze(1) * self.transpose(scaled, self.weight, in_shape)
-                - low.unsqueeze(1) * self.transpose(scaled, self.w_pos, in_shape)
-                - high.unsqueeze(1) * self.transpose(scaled, self.w_neg, in_shape))
+        c = in_shape[0]
+        # the three transposes in one call: weights stacked along the input channels
+        spread = self.transpose(scaled, self.w_box, (3 * c, *in_shape[1:]))
+        return (spread[:, :, :c].mul_(x.unsqueeze(1))
+                - low.unsqueeze(1) * spread[:, :, c:2 * c] - high.unsqueeze(1) * spread[:, :, 2 * c:])
 
 
 class Flat(AffineRule):
