@@ -1,0 +1,207 @@
+"""One batch in, one batch of results out: the unit of work a Ray actor runs.
+
+``Analyzer(model, config)(x, labels)`` runs the whole per-image method of DESIGN.md section 3:
+the LRP heatmap with its conservation report, the k sweep with MSE/SMAPE scores and the chosen
+k, the selected neurons, the critical path and deconvolutions of the path's top neurons. It
+returns tensors plus small Python records; it knows nothing of Ray or Parquet.
+
+Cost, in units of one LRP heatmap (forward + backward): with the defaults, the sweep adds
+|ks| restricted backward passes from the last conv layer (about 0.9 heatmap each at VGG16
+224x224), the path edges one block's backward per selected upper neuron and layer pair, the
+deconvolutions about a third of a heatmap each. The defaults keep the total near ten heatmaps;
+``benchmarks/selection_throughput.py`` measures it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .deconv import deconvolve_many
+from .lrp import Explainer
+from .paths import Selected, critical_path, default_path_layers
+from .selection import Sweep, VARIANTS, neuron_totals, rank_neurons, sweep
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class AnalysisConfig:
+    """What to compute per image. Layer names may be aliases (``conv5_3``, ``fc7``).
+
+    sweep_layers: layers whose k is chosen by the fidelity sweep (default: the last conv layer).
+    ks: the sweep. score_metric/score_target: k* is the smallest k whose fidelity score reaches
+    the target (SMAPE <= 50 by default), else the largest k. path_layers: default block-final
+    convs, fc6, fc7. path_k: neurons kept at path layers that are not swept. absolute: rank by
+    |r| instead of r. deconv_layers/deconv_per_layer/deconv_mode: which selected neurons are
+    reconstructed (default the top neuron of the last conv layer). heatmap_size/deconv_size:
+    side of the stored low-resolution pictures. target: "pred" or "label".
+    """
+
+    composite: str = "epsilon-gamma-box"
+    sweep_layers: Sequence[str] | None = None
+    ks: Sequence[int] = (1, 4, 16, 64)
+    score_metric: str = "smape"
+    score_target: float = 50.0
+    path_layers: Sequence[str] | None = None
+    path_k: int = 4
+    absolute: bool = False
+    deconv_layers: Sequence[str] | None = None
+    deconv_per_layer: int = 1
+    deconv_mode: str = "all"
+    heatmap_size: int = 56
+    deconv_size: int = 32
+    target: str = "pred"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class BatchAnalysis:
+    """Everything the analysis found for N images.
+
+    heatmap: (N, 3, H, W) input relevance; heatmap_small: (N, s, s) colour-summed, area-resized;
+    logits: (N, K); target: (N,); initial: (N,); totals: {layer or "input": (N,)};
+    conservation_error: (N,); sweeps: {layer: Sweep}; selected: {layer: Selected}; nodes/edges:
+    per-image path records; deconv: {layer: (neurons (N, J), reconstructions (N, J, 3, d, d))}.
+    """
+
+    heatmap: Tensor
+    heatmap_small: Tensor
+    logits: Tensor
+    target: Tensor
+    initial: Tensor
+    totals: dict[str, Tensor]
+    conservation_error: Tensor
+    sweeps: dict[str, Sweep]
+    selected: dict[str, Selected]
+    path_layers: list[str]
+    nodes: list[list[dict]]
+    edges: list[list[dict]]
+    deconv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        """One plain-Python record per image: scalars, the small heatmap as a float32 array, and
+        nested lists of neurons, scores, edges and deconvolutions (the shape Parquet rows take)."""
+        probabilities = self.logits.softmax(1)
+        rows = []
+        relevance_in = self.heatmap.flatten(1)
+        rel_pos = relevance_in.clamp(min=0).sum(1).tolist()
+        rel_neg = relevance_in.clamp(max=0).sum(1).tolist()
+        for n in range(self.logits.shape[0]):
+            target = int(self.target[n])
+            neurons = [{"layer": layer, "neuron": neuron, "rank": rank,
+                        "relevance": float(chosen.relevance[n, neuron]),
+                        "activation": float(chosen.activation[n, neuron])}
+                       for layer, chosen in self.selected.items() for rank, neuron in enumerate(chosen.neurons(n))]
+            scores = []
+            for layer, result in self.sweeps.items():
+                for variant in VARIANTS:
+                    mse_values, smape_values = (t[n].tolist() for t in result.scores[variant])
+                    for index, k in enumerate(result.ks):
+                        scores.append({"layer": layer, "k": k, "variant": variant, "mse": mse_values[index],
+                                       "smape": smape_values[index], "chosen": index == int(result.chosen[n])})
+            deconvs = []
+            for layer, (channels, pictures) in self.deconv.items():
+                for j, channel in enumerate(channels[n].tolist()):
+                    deconvs.append({"layer": layer, "neuron": channel,
+                                    "reconstruction": pictures[n, j].cpu().numpy()})
+            rows.append({
+                "pred": int(self.logits[n].argmax()),
+                "target": target,
+                "logit": float(self.logits[n, target]),
+                "prob": float(probabilities[n, target]),
+                "rel_total": float(self.totals["input"][n]),
+                "rel_pos": rel_pos[n],
+                "rel_neg": rel_neg[n],
+                "conservation_error": float(self.conservation_error[n]),
+                "heatmap": self.heatmap_small[n].cpu().numpy(),
+                "layer_totals": {layer: float(total[n]) for layer, total in self.totals.items()},
+                "neurons": neurons,
+                "scores": scores,
+                "edges": self.edges[n],
+                "deconv": deconvs,
+            })
+        return rows
+
+
+def area_resize(pictures: Tensor, size: int) -> Tensor:
+    """(..., H, W) -> (..., s, s) by area averaging, s = min(size, H): keeps small images as they are."""
+    side = min(size, pictures.shape[-1])
+    lead = pictures.shape[:-2]
+    flat = pictures.reshape(-1, 1, *pictures.shape[-2:])
+    return F.adaptive_avg_pool2d(flat, side).reshape(*lead, side, side)
+
+
+class Analyzer:
+    """Holds one model replica and its explainer; call it with a batch of images.
+
+    ``__call__(x (N, 3, H, W), labels=None) -> BatchAnalysis``. Construct once per worker: rule
+    weights are prepared here and reused for every batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: AnalysisConfig | None = None):
+        self.config = config or AnalysisConfig()
+        self.explainer = Explainer(model, self.config.composite)
+        resolve = self.explainer.resolve
+        convs = [s.name for s in self.explainer.steps
+                 if s.is_param and isinstance(s.rule.module, torch.nn.Conv2d)]
+        self.sweep_layers = [resolve(l) for l in (self.config.sweep_layers or [convs[-1]])]
+        self.path_layers = [resolve(l) for l in (self.config.path_layers or default_path_layers(self.explainer))]
+        self.path_layers.sort(key=self.explainer.layer_names.index)
+        self.deconv_layers = [resolve(l) for l in (self.config.deconv_layers or [convs[-1]])]
+        missing = [l for l in self.deconv_layers if l not in self.path_layers + self.sweep_layers]
+        if missing:
+            raise ValueError(f"deconvolution layers {missing} must be path or sweep layers (their selected neurons "
+                             "are what gets reconstructed)")
+        if self.config.target not in ("pred", "label"):
+            raise ValueError(f"target must be 'pred' or 'label', got {self.config.target!r}")
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, labels: Tensor | None = None) -> BatchAnalysis:
+        cfg, explainer = self.config, self.explainer
+        record = explainer.forward(x)
+        if cfg.target == "label":
+            if labels is None:
+                raise ValueError("target='label' needs labels for every image")
+            target = explainer.targets(record, labels)
+        else:
+            target = explainer.targets(record, None)
+        initial = explainer.initial_relevance(record, target)
+        keep = set(self.sweep_layers) | set(self.path_layers)
+        heatmap, kept, totals = explainer.propagate(record, initial, keep=keep)
+        heatmap = heatmap[:, 0]
+        kept = {k: v[:, 0] for k, v in kept.items()}
+        totals = {k: v[:, 0] for k, v in totals.items()}
+        rows = torch.arange(len(target), device=target.device)
+        initial_values = record.logits[rows, target]
+        conservation = (totals["input"] - initial_values).abs() / initial_values.abs().clamp(min=1e-30)
+
+        sweeps = {layer: sweep(explainer, record, heatmap, kept[layer], layer, cfg.ks, cfg.score_metric,
+                               cfg.score_target, cfg.absolute)
+                  for layer in self.sweep_layers}
+        selected = {}
+        for layer in dict.fromkeys(self.path_layers + self.sweep_layers):
+            if layer in sweeps:
+                result = sweeps[layer]
+                counts = result.chosen_k
+                selected[layer] = Selected(result.order, counts, result.relevance, result.activation)
+            else:
+                relevance = neuron_totals(kept[layer])
+                order = rank_neurons(relevance, cfg.absolute)
+                counts = torch.full_like(target, min(cfg.path_k, relevance.shape[1]))
+                selected[layer] = Selected(order, counts, relevance, neuron_totals(record.activations[layer]))
+        nodes, edges = critical_path(explainer, record, kept, selected, self.path_layers, target, initial_values)
+        deconv = {}
+        for layer in self.deconv_layers:
+            j = min(cfg.deconv_per_layer, int(selected[layer].counts.min()))
+            channels = selected[layer].order[:, :j]
+            pictures = deconvolve_many(explainer, record, layer, channels, cfg.deconv_mode)
+            deconv[layer] = (channels, area_resize(pictures, cfg.deconv_size))
+        return BatchAnalysis(
+            heatmap=heatmap, heatmap_small=area_resize(heatmap.sum(1), cfg.heatmap_size), logits=record.logits,
+            target=target, initial=initial_values, totals=totals, conservation_error=conservation, sweeps=sweeps,
+            selected=selected, path_layers=self.path_layers, nodes=nodes, edges=edges, deconv=deconv)
