@@ -34,7 +34,8 @@ class AnalysisConfig:
     sweep_layers: layers whose k is chosen by the fidelity sweep (default: the last conv layer).
     ks: the sweep. score_metric/score_target: k* is the smallest k whose fidelity score reaches
     the target (SMAPE <= 50 by default), else the largest k. path_layers: default block-final
-    convs, fc6, fc7. path_k: neurons kept at path layers that are not swept. absolute: rank by
+    convs, fc6, fc7. path_k: neurons per path layer on the critical path (at a swept layer, the
+    top min(k*, path_k) of its k* selected neurons; elsewhere its top path_k). absolute: rank by
     |r| instead of r. deconv_layers/deconv_per_layer/deconv_mode: which selected neurons are
     reconstructed (default the top neuron of the last conv layer). heatmap_size/deconv_size:
     side of the stored low-resolution pictures. target: "pred" or "label".
@@ -194,7 +195,12 @@ class Analyzer:
                 order = rank_neurons(relevance, cfg.absolute)
                 counts = torch.full_like(target, min(cfg.path_k, relevance.shape[1]))
                 selected[layer] = Selected(order, counts, relevance, neuron_totals(record.activations[layer]))
-        nodes, edges = critical_path(explainer, record, kept, selected, self.path_layers, target, initial_values)
+        # the path follows at most path_k neurons per layer: all k* of a swept layer would cost one
+        # backward pass per neuron and make the graph unreadable
+        path_selected = {layer: Selected(chosen.order, chosen.counts.clamp(max=cfg.path_k), chosen.relevance,
+                                         chosen.activation) for layer, chosen in selected.items()}
+        nodes, edges = critical_path(explainer, record, kept, path_selected, self.path_layers, target,
+                                     initial_values)
         deconv = {}
         for layer in self.deconv_layers:
             j = min(cfg.deconv_per_layer, int(selected[layer].counts.min()))

@@ -244,10 +244,13 @@ def load_model(
     ``weights``: None (random, seeded with ``seed``), ``"imagenet"`` (torchvision's weights),
     a path to a state dict (``.pth``/``.pt``; ``num_classes`` and the widths are inferred from it),
     or ``"demo"`` / ``"demo-<dataset>"`` for the bundled demo models. The returned model carries
-    ``lrpscale_model_id`` (name and weights checksum) and its input normalisation.
+    ``lrpscale_model_id`` (name and weights checksum), its input normalisation
+    (``lrpscale_mean``/``lrpscale_std``), the image size it was made for and its class names
+    (``lrpscale_classes``, None where the weights carry none).
     """
     weights_id = "random"
     mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+    image_size, classes = 224, None
     if weights is None:
         torch.manual_seed(seed)
         model = build_vgg(name, num_classes or 1000)
@@ -274,6 +277,7 @@ def load_model(
         model.load_state_dict(load_state_dict(path))
         weights_id = spec.sha256
         mean_std = (spec.mean, spec.std)
+        image_size, classes = spec.image_size, list(spec.classes)
     else:
         state = load_state_dict(weights)
         shape = _vgg_shape_from_state(state)
@@ -289,4 +293,5 @@ def load_model(
     fold_batchnorm(model)
     model.lrpscale_model_id = f"{name}:{weights_id}"
     model.lrpscale_mean, model.lrpscale_std = mean_std
+    model.lrpscale_image_size, model.lrpscale_classes = image_size, classes
     return model

@@ -1,0 +1,391 @@
+"""The dataset audit on Ray: list once, decode in CPU tasks, analyse in a pool of model replicas,
+commit results shard by shard.
+
+Exactly once, by per-shard commits: the listing is frozen into the run directory on the first
+start and cut into shards. The driver collects each shard's result rows and, once the shard is
+complete, writes its file in every table (each written to a hidden temporary name, then renamed)
+and finally a commit marker ``_commits/part-NNNNN.json``. A shard without a marker is not part of
+the run: its table files are removed and it is analysed again on the next start. Re-running a
+complete run does nothing unless ``overwrite``. The pipeline knows nothing of LRP rules: the
+actor hands a batch to ``Analyzer`` and turns its records into Arrow rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import __version__, data, schema
+from .analyze import AnalysisConfig, Analyzer
+from .models import input_normalization, load_model
+
+COMMITS = "_commits"
+LISTING = "_listing.parquet"
+
+
+@dataclass
+class RunConfig:
+    """One audit. ``actor_resources`` is the per-actor request (default ``{"num_gpus": 1}`` when
+    the cluster has GPUs, else one CPU); ``num_actors`` defaults to one per GPU, else one."""
+
+    input: str
+    output: str
+    model: str = "vgg16"
+    weights: str | None = None
+    input_kind: str | None = None
+    image_size: int | None = None
+    batch_size: int = 16
+    shard_size: int = 256
+    num_actors: int | None = None
+    actor_resources: dict | None = None
+    max_pixels: int = data.DEFAULT_MAX_PIXELS
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def fingerprint(self, model_id: str) -> dict:
+        """What makes two runs the same run (and a resume legal): model, input, analysis, size."""
+        return {"model_id": model_id, "input": os.path.abspath(self.input), "input_kind": self.input_kind,
+                "image_size": self.image_size, "analysis": self.analysis.to_dict(), "schema_version": schema.SCHEMA_VERSION}
+
+
+def run_id_for(fingerprint: dict) -> str:
+    """Stable id of a run: model weights, analysis config, schema and code version."""
+    key = {k: v for k, v in fingerprint.items() if k not in ("input", "input_kind")}
+    key["lrpscale"] = __version__
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def label_indices(labels, classes: list[str] | None, num_classes: int) -> list[int | None]:
+    """Map label strings to class indices: by the class names where known, else integer labels."""
+    lookup = {name: i for i, name in enumerate(classes or [])}
+    out = []
+    for label in labels:
+        if label is None:
+            out.append(None)
+        elif label in lookup:
+            out.append(lookup[label])
+        elif str(label).isdigit() and int(label) < num_classes:
+            out.append(int(label))
+        else:
+            out.append(None)
+    return out
+
+
+class AnalyzerActor:
+    """A model replica: ``__init__`` loads the model once, ``__call__`` analyses one batch.
+
+    Takes a ``data.load_batch`` output (numpy columns) and returns a ``schema.RESULT`` table with
+    one row per input. A batch that fails in the model is retried image by image, so one bad
+    input becomes an ``analyze`` error row instead of taking its batch down.
+    """
+
+    def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = load_model(model, weights).to(self.device)
+        self.analyzer = Analyzer(net, AnalysisConfig(**analysis))
+        self.classes = net.lrpscale_classes
+        self.num_classes = net.classifier[-1].out_features
+        self.config = self.analyzer.config
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        count = len(batch["image_id"])
+        rows: list[dict] = [self._base_row(batch, i) for i in range(count)]
+        good = [i for i in range(count) if bool(batch["ok"][i])]
+        if good:
+            for i, record in zip(good, self._analyse(batch, good)):
+                rows[i].update(record)
+        return pa.Table.from_pylist(rows, schema=schema.RESULT)
+
+    def _base_row(self, batch, i: int) -> dict:
+        label = _text(batch["label"][i])
+        return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "label": label,
+                "label_index": label_indices([label], self.classes, self.num_classes)[0],
+                "shard": int(batch["shard"][i]),
+                **{name: _text(batch[name][i]) for name in data.ERROR_FIELDS}}
+
+    def _analyse(self, batch, indices: list[int]) -> list[dict]:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][indices])).to(self.device)
+        labels = label_indices([_text(batch["label"][i]) for i in indices], self.classes, self.num_classes)
+        try:
+            return self._records(pixels, labels)
+        except Exception:
+            if len(indices) == 1:
+                raise
+        out = []
+        for position, i in enumerate(indices):
+            try:
+                out.extend(self._records(pixels[position:position + 1], labels[position:position + 1]))
+            except Exception as error:  # the image, not the run, fails
+                out.append({"error_stage": "analyze", "error_type": type(error).__name__,
+                            "error_message": str(error)[:2000]})
+        return out
+
+    def _records(self, pixels: torch.Tensor, labels: list[int | None]) -> list[dict]:
+        if self.config.target == "label" and any(label is None for label in labels):
+            raise ValueError("target='label' but the label is missing or not one of the model's classes")
+        label_tensor = torch.tensor([-1 if l is None else l for l in labels], device=self.device)
+        analysis = self.analyzer(pixels, label_tensor if self.config.target == "label" else None)
+        rows = []
+        for record in analysis.records():
+            heatmap, scale = schema.scaled_float16(record["heatmap"])
+            deconv = []
+            for item in record["deconv"]:
+                picture, picture_scale = schema.scaled_float16(item["reconstruction"])
+                deconv.append({"layer": item["layer"], "neuron": item["neuron"], "scale": picture_scale,
+                               "reconstruction": picture})
+            pred = record["pred"]
+            rows.append({**{k: record[k] for k in ("pred", "target", "logit", "prob", "rel_total", "rel_pos",
+                                                  "rel_neg", "conservation_error", "neurons", "scores", "edges")},
+                         "pred_label": self.classes[pred] if self.classes else str(pred),
+                         "heatmap": heatmap, "heatmap_scale": scale, "deconv": deconv})
+        return rows
+
+
+def _text(value) -> str | None:
+    """A string cell from a Ray batch: Ray turns a column that is all None into floats (NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    run_id: str
+    images: int
+    ok: int
+    errors: int
+    seconds: float
+    analysed_now: int
+    already_complete: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.analysed_now / self.seconds if self.seconds else 0.0
+
+
+class RunDirectory:
+    """The files of one run: tables (one Parquet dataset each), commit markers, listing, run.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def table(self, name: str) -> Path:
+        return self.root / name
+
+    def shard_file(self, table: str, shard: int) -> Path:
+        return self.root / table / f"part-{shard:05d}.parquet"
+
+    def committed(self) -> set[int]:
+        folder = self.root / COMMITS
+        return {int(p.stem.split("-")[1]) for p in folder.glob("part-*.json")} if folder.is_dir() else set()
+
+    def read_json(self) -> dict | None:
+        path = self.root / "run.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_json(self, content: dict) -> None:
+        _atomic_write_bytes(self.root / "run.json", json.dumps(content, indent=2, default=str).encode())
+
+    def discard_uncommitted(self, shards: set[int]) -> None:
+        """Remove table files of shards without a commit marker (a crash between renames)."""
+        for table in schema.TABLES:
+            for shard in shards:
+                self.shard_file(table, shard).unlink(missing_ok=True)
+
+    def commit(self, shard: int, tables: dict[str, pa.Table], rows: int) -> None:
+        for name, table in tables.items():
+            path = self.shard_file(name, shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path)
+        marker = {"shard": shard, "rows": rows, "time": time.time()}
+        _atomic_write_bytes(self.root / COMMITS / f"part-{shard:05d}.json", json.dumps(marker).encode())
+
+
+def _atomic_write_bytes(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address`` / RAY_ADDRESS, or start a local Ray (loopback only, no dashboard)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
+
+
+def _default_actors(config: RunConfig) -> tuple[int, dict]:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    # a CPU actor gets 2 CPUs: Ray limits its torch threads to them, and requests that differ
+    # from the decode tasks' keep Ray Data from fusing decoding into the actors
+    resources = config.actor_resources or ({"num_gpus": 1} if gpus else {"num_cpus": 2})
+    if config.num_actors:
+        return config.num_actors, resources
+    if "num_gpus" in resources and gpus:
+        return max(1, gpus // max(1, int(resources["num_gpus"]))), resources
+    custom = {k: v for k, v in resources.get("resources", {}).items()}
+    if custom:  # e.g. one accelerator slot per actor advertised as a custom resource
+        name, amount = next(iter(custom.items()))
+        return max(1, int(ray.cluster_resources().get(name, 0) // amount)), resources
+    return 1, resources
+
+
+class _Progress:
+    """One status line every few seconds: images done, rate, errors."""
+
+    def __init__(self, total: int, already: int, stream=sys.stderr, every: float = 5.0):
+        self.total, self.done, self.errors = total, already, 0
+        self.start = time.time()
+        self.last = 0.0
+        self.stream, self.every = stream, every
+        self.now = 0
+
+    def update(self, rows: int, errors: int) -> None:
+        self.done += rows
+        self.now += rows
+        self.errors += errors
+        if time.time() - self.last >= self.every or self.done >= self.total:
+            self.last = time.time()
+            rate = self.now / max(time.time() - self.start, 1e-9)
+            print(f"[lrpscale] {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{rate:.1f} img/s, {self.errors} errors", file=self.stream, flush=True)
+
+
+def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = False,
+              progress: bool = True) -> RunSummary:
+    """Analyse every input of ``config.input`` into the run directory ``config.output``."""
+    import ray
+
+    started = time.time()
+    model = load_model(config.model, config.weights)
+    mean, std = input_normalization(model)
+    config.image_size = config.image_size or model.lrpscale_image_size
+    fingerprint = config.fingerprint(model.lrpscale_model_id)
+    run_id = run_id_for(fingerprint)
+    run = RunDirectory(config.output)
+    previous = run.read_json()
+    if previous and (overwrite or previous.get("fingerprint") != fingerprint):
+        if not overwrite:
+            raise RuntimeError(f"{run.root} holds a run with another model, input or configuration "
+                               f"(run {previous.get('run_id')}); choose another --output or pass --overwrite")
+        shutil.rmtree(run.root)
+        previous = None
+    run.root.mkdir(parents=True, exist_ok=True)
+
+    listing_path = run.root / LISTING
+    if not listing_path.is_file():
+        listing = data.list_inputs(config.input, config.input_kind)
+        shards = pa.array(np.arange(listing.num_rows) // config.shard_size, pa.int32())
+        listing = listing.append_column("shard", shards)
+        tmp = listing_path.with_name(".listing.tmp")
+        pq.write_table(listing, tmp)
+        os.replace(tmp, listing_path)
+    listing = pq.read_table(listing_path)
+    shard_ids = listing.column("shard").to_numpy()
+    all_shards = set(np.unique(shard_ids).tolist())
+    committed = run.committed() & all_shards
+    pending = sorted(all_shards - committed)
+    run.discard_uncommitted(set(pending))
+    base = {"run_id": run_id, "fingerprint": fingerprint, "config": _config_dict(config),
+            "model_id": model.lrpscale_model_id, "composite": config.analysis.composite,
+            "versions": _versions(), "input": os.path.abspath(config.input), "images": listing.num_rows,
+            "shards": len(all_shards), "created": (previous or {}).get("created", time.time())}
+    if not pending:
+        counts = _committed_counts(run)
+        if progress:
+            print(f"[lrpscale] {run.root} is already complete ({counts['ok']} images, {counts['errors']} errors); "
+                  "pass --overwrite to analyse again", file=sys.stderr)
+        return RunSummary(run.root, run_id, listing.num_rows, counts["ok"], counts["errors"], 0.0, 0, True)
+    run.write_json({**base, "status": "running", "started": started})
+
+    ensure_ray(address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    num_actors, resources = _default_actors(config)
+    expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids, return_counts=True))}
+    pending_set = set(pending)
+    mask = np.isin(shard_ids, pending)
+    todo = listing.filter(pa.array(mask))
+    blocks = [todo.slice(offset, config.shard_size) for offset in range(0, todo.num_rows, config.shard_size)]
+    dataset = ray.data.from_arrow(blocks)
+    dataset = dataset.map_batches(data.load_batch, batch_size=config.shard_size, batch_format="numpy", num_cpus=1,
+                                  fn_kwargs={"image_size": config.image_size, "mean": mean, "std": std,
+                                             "max_pixels": config.max_pixels})
+    dataset = dataset.map_batches(
+        AnalyzerActor, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": config.model, "weights": config.weights,
+                               "analysis": config.analysis.to_dict()},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
+
+    buffers: dict[int, dict[str, dict]] = defaultdict(dict)
+    meter = _Progress(listing.num_rows, sum(expected[s] for s in committed), every=5.0 if progress else 1e9)
+    model_id = model.lrpscale_model_id
+    side = min(config.analysis.heatmap_size, config.image_size)
+    deconv_side = min(config.analysis.deconv_size, config.image_size)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        errors = 0
+        for row in batch.to_pylist():
+            shard = row["shard"]
+            if shard not in pending_set or row["image_id"] in buffers[shard]:
+                continue  # a replayed batch must not duplicate rows
+            buffers[shard][row["image_id"]] = row
+            errors += row["error_stage"] is not None
+        meter.update(batch.num_rows, errors)
+        for shard in [s for s, rows in buffers.items() if len(rows) == expected[s]]:
+            result = pa.Table.from_pylist(list(buffers.pop(shard).values()), schema=schema.RESULT)
+            tables = schema.split_result(result, side, deconv_side, config.analysis.deconv_mode, model_id, run_id)
+            run.commit(shard, tables, result.num_rows)
+            pending_set.discard(shard)
+    if pending_set:
+        raise RuntimeError(f"shards {sorted(pending_set)} did not complete; run the same command again to resume")
+    counts = _committed_counts(run)
+    seconds = time.time() - started
+    analysed = sum(expected[s] for s in pending)
+    run.write_json({**base, "status": "complete", "started": started, "finished": time.time(),
+                    "seconds_last_start": seconds, "images_per_second_last_start": analysed / seconds,
+                    "ok": counts["ok"], "errors": counts["errors"]})
+    return RunSummary(run.root, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed)
+
+
+def _committed_counts(run: RunDirectory) -> dict[str, int]:
+    def rows(table: str) -> int:
+        folder = run.table(table)
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("part-*.parquet")) if folder.is_dir() else 0
+
+    return {"ok": rows("images"), "errors": rows("errors")}
+
+
+def _config_dict(config: RunConfig) -> dict:
+    out = asdict(config)
+    out["analysis"] = config.analysis.to_dict()
+    return out
+
+
+def _versions() -> dict:
+    import ray
+
+    return {"lrpscale": __version__, "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,125 @@
+"""Arrow schemas of every table a run writes, in one place, and their version.
+
+The analyser actors emit one ``RESULT`` row per input (analysed or failed) with the image's
+neurons, scores, edges and deconvolutions as nested lists. The driver splits each committed
+shard into the flat tables of DESIGN.md section 4 (``images``, ``neurons``, ``scores``,
+``edges``, ``deconv``, ``errors``) that pandas reads directly. Pictures are Arrow's canonical
+``fixed_shape_tensor`` so a reader can reshape them without knowing the size.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TABLES = ("images", "neurons", "scores", "edges", "deconv", "errors")
+
+_NEURON = pa.struct([("layer", pa.string()), ("neuron", pa.int32()), ("rank", pa.int16()),
+                     ("relevance", pa.float32()), ("activation", pa.float32())])
+_SCORE = pa.struct([("layer", pa.string()), ("k", pa.int32()), ("variant", pa.string()), ("mse", pa.float32()),
+                    ("smape", pa.float32()), ("chosen", pa.bool_())])
+_EDGE = pa.struct([("layer_from", pa.string()), ("neuron_from", pa.int32()), ("layer_to", pa.string()),
+                   ("neuron_to", pa.int32()), ("relevance", pa.float32())])
+_DECONV = pa.struct([("layer", pa.string()), ("neuron", pa.int32()), ("scale", pa.float32()),
+                     ("reconstruction", pa.list_(pa.float16()))])
+
+# the per-image columns shared by the result rows and the images table
+_IMAGE_FIELDS = [
+    ("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("label_index", pa.int32()),
+    ("pred", pa.int32()), ("pred_label", pa.string()), ("target", pa.int32()), ("logit", pa.float32()),
+    ("prob", pa.float32()), ("rel_total", pa.float32()), ("rel_pos", pa.float32()), ("rel_neg", pa.float32()),
+    ("conservation_error", pa.float32()), ("heatmap_scale", pa.float32()),
+]
+
+RESULT = pa.schema(_IMAGE_FIELDS + [
+    ("shard", pa.int32()),
+    ("heatmap", pa.list_(pa.float16())),
+    ("neurons", pa.list_(_NEURON)),
+    ("scores", pa.list_(_SCORE)),
+    ("edges", pa.list_(_EDGE)),
+    ("deconv", pa.list_(_DECONV)),
+    ("error_stage", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
+])
+
+
+def picture_type(shape: Iterable[int], value_type: pa.DataType = pa.float16()) -> pa.DataType:
+    return pa.fixed_shape_tensor(value_type, list(shape))
+
+
+def images_schema(heatmap_side: int) -> pa.Schema:
+    return pa.schema(_IMAGE_FIELDS + [("heatmap", picture_type([heatmap_side, heatmap_side])),
+                                      ("model_id", pa.string()), ("run_id", pa.string())])
+
+
+def _flat_schema(item: pa.StructType, extra=()) -> pa.Schema:
+    return pa.schema([("image_id", pa.string()), ("label", pa.string()), ("pred", pa.int32())]
+                     + [(item.field(i).name, item.field(i).type) for i in range(item.num_fields)] + list(extra))
+
+
+NEURONS = _flat_schema(_NEURON)
+SCORES = _flat_schema(_SCORE)
+EDGES = _flat_schema(_EDGE)
+ERRORS = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("stage", pa.string()),
+                    ("error_type", pa.string()), ("message", pa.string())])
+
+
+def deconv_schema(side: int) -> pa.Schema:
+    return pa.schema([("image_id", pa.string()), ("label", pa.string()), ("pred", pa.int32()), ("layer", pa.string()),
+                      ("neuron", pa.int32()), ("mode", pa.string()), ("scale", pa.float32()),
+                      ("reconstruction", picture_type([3, side, side]))])
+
+
+def scaled_float16(picture: np.ndarray) -> tuple[np.ndarray, float]:
+    """A picture as float16 divided by its largest |value| (kept as ``scale``): relevance values
+    are often far below float16's normal range, their shape is what float16 must keep."""
+    scale = float(np.abs(picture).max())
+    if scale == 0 or not np.isfinite(scale):
+        return np.zeros(picture.size, np.float16), 0.0
+    return (picture / scale).astype(np.float16).ravel(), scale
+
+
+def tensor_column(values: list[np.ndarray], shape: list[int], value_type: pa.DataType = pa.float16()) -> pa.Array:
+    """N arrays (any shape with the right size) -> a fixed_shape_tensor column of the given shape."""
+    size = int(np.prod(shape))
+    dtype = value_type.to_pandas_dtype()
+    flat = np.concatenate([np.asarray(v, dtype).ravel() for v in values]) if values else np.zeros(0, dtype)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), size)
+    return pa.ExtensionArray.from_storage(picture_type(shape, value_type), storage)
+
+
+def split_result(result: pa.Table, heatmap_side: int, deconv_side: int, deconv_mode: str, model_id: str,
+                 run_id: str) -> dict[str, pa.Table]:
+    """Split one shard's result rows into the flat tables (one pa.Table per name in TABLES)."""
+    failed = result.column("error_stage").is_valid()
+    ok = result.filter(pa.compute.invert(failed))
+    bad = result.filter(failed)
+    rows = ok.to_pylist()
+    image_columns = {name: ok.column(name) for name, _ in _IMAGE_FIELDS}
+    image_columns["heatmap"] = tensor_column([np.asarray(r["heatmap"], np.float16) for r in rows],
+                                             [heatmap_side, heatmap_side])
+    image_columns["model_id"] = pa.array([model_id] * len(rows), pa.string())
+    image_columns["run_id"] = pa.array([run_id] * len(rows), pa.string())
+    tables = {"images": pa.table(image_columns, schema=images_schema(heatmap_side))}
+
+    def flatten(column: str, schema: pa.Schema) -> pa.Table:
+        records = [{"image_id": r["image_id"], "label": r["label"], "pred": r["pred"], **item}
+                   for r in rows for item in r[column]]
+        return pa.Table.from_pylist(records, schema=schema)
+
+    tables["neurons"] = flatten("neurons", NEURONS)
+    tables["scores"] = flatten("scores", SCORES)
+    tables["edges"] = flatten("edges", EDGES)
+    deconv_rows = [{"image_id": r["image_id"], "label": r["label"], "pred": r["pred"], "layer": d["layer"],
+                    "neuron": d["neuron"], "mode": deconv_mode, "scale": d["scale"]}
+                   for r in rows for d in r["deconv"]]
+    pictures = [np.asarray(d["reconstruction"], np.float16) for r in rows for d in r["deconv"]]
+    deconv = pa.Table.from_pylist(deconv_rows, schema=deconv_schema(deconv_side).remove(7))
+    tables["deconv"] = deconv.append_column(deconv_schema(deconv_side).field(7),
+                                            tensor_column(pictures, [3, deconv_side, deconv_side]))
+    tables["errors"] = pa.table({
+        "image_id": bad.column("image_id"), "uri": bad.column("uri"), "label": bad.column("label"),
+        "stage": bad.column("error_stage"), "error_type": bad.column("error_type"),
+        "message": bad.column("error_message")}, schema=ERRORS)
+    return tables
