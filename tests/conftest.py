@@ -45,3 +45,43 @@ def weights_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vgg16(weights_file):
     return load_model("vgg16", weights_file("vgg16"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: 6 logical CPUs (a resume with an actor stage
+    hangs with 2), a small object store, no dashboard; shut down at the end."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    context = DataContext.get_current()
+    context.target_max_block_size = 4 * 1024 ** 2
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A narrow random VGG11 for 32 px images, 10 classes: cheap enough for pipeline tests."""
+    path = tmp_path_factory.mktemp("tiny") / "vgg11-tiny.pth"
+    torch.manual_seed(0)
+    torch.save(build_vgg("vgg11", 10, width_divisor=16, hidden=32, pooled_size=1).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """120 of scikit-learn's digits as PNG files in class folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    for i in range(120):
+        folder = root / str(digits.target[i])
+        folder.mkdir(exist_ok=True)
+        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
