@@ -107,7 +107,8 @@ class BatchAnalysis:
                                        "smape": smape_values[index], "chosen": index == int(result.chosen[n])})
             deconvs = []
             for layer, (channels, pictures) in self.deconv.items():
-                for j, channel in enumerate(channels[n].tolist()):
+                own = min(len(channels[n]), int(self.selected[layer].counts[n]))
+                for j, channel in enumerate(channels[n, :own].tolist()):
                     deconvs.append({"layer": layer, "neuron": channel,
                                     "reconstruction": pictures[n, j].cpu().numpy()})
             rows.append({
@@ -203,7 +204,8 @@ class Analyzer:
                                      initial_values)
         deconv = {}
         for layer in self.deconv_layers:
-            j = min(cfg.deconv_per_layer, int(selected[layer].counts.min()))
+            # enough for the image with most selected neurons; records() keeps each image's own share
+            j = min(cfg.deconv_per_layer, int(selected[layer].counts.max()))
             channels = selected[layer].order[:, :j]
             pictures = deconvolve_many(explainer, record, layer, channels, cfg.deconv_mode)
             deconv[layer] = (channels, area_resize(pictures, cfg.deconv_size))

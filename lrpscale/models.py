@@ -5,7 +5,9 @@ convolution, so the LRP engine only ever sees conv, ReLU, pooling and linear lay
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import pickle
 import re
@@ -44,6 +46,16 @@ class DemoWeights:
 
 
 
+def demo_spec(weights: str) -> DemoWeights:
+    """The bundled model named by ``demo`` (the digits model) or ``demo-<dataset>``."""
+    key = "digits" if weights == "demo" else weights.removeprefix("demo-")
+    bundled = demo_models()
+    if key not in bundled:
+        raise WeightsError(f"no bundled demo model {weights!r}; available: "
+                           + (", ".join(f"demo-{k}" for k in bundled) + " (demo = demo-digits)" if bundled else "none"))
+    return bundled[key]
+
+
 def demo_models() -> dict[str, DemoWeights]:
     """The bundled demo models, keyed by dataset, as scripts/train_demo_models.py recorded them."""
     manifest = ASSETS / "demo_models.json"
@@ -79,6 +91,7 @@ def build_vgg(
     width_divisor: int = 1,
     hidden: int = 4096,
     pooled_size: int = 7,
+    init: bool = True,
 ) -> tv_vgg.VGG:
     """Build an untrained torchvision VGG, optionally narrowed for small images.
 
@@ -86,25 +99,48 @@ def build_vgg(
     ``pooled_size`` the side of the adaptive average pool before fc6. The defaults give
     torchvision's exact architecture; the module names (``features.N``, ``classifier.N``) are the
     same for every setting, so layer names and aliases carry over to the narrow demo models.
+    ``init=False`` skips the random initialisation when weights are loaded right after.
     """
     base, _, bn = name.partition("_")
     if base not in _CFG_OF or bn not in ("", "bn"):
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(VGG_NAMES)}")
     cfg = tv_vgg.cfgs[_CFG_OF[base]]
-    model = tv_vgg.VGG(_make_features(cfg, bn == "bn", width_divisor), num_classes=num_classes, init_weights=True)
+    features = _make_features(cfg, bn == "bn", width_divisor)
+    if (width_divisor, hidden, pooled_size) == (1, 4096, 7):
+        return tv_vgg.VGG(features, num_classes=num_classes, init_weights=init)
+    # torchvision's VGG always builds the 25088 x 4096 classifier: build it on the meta device
+    # (no memory, no initialisation) and put the narrow one in its place
+    with torch.device("meta"):
+        model = tv_vgg.VGG(nn.Sequential(), num_classes=num_classes, init_weights=False)
     channels = max(1, 512 // width_divisor)
-    if (width_divisor, hidden, pooled_size) != (1, 4096, 7):
-        model.avgpool = nn.AdaptiveAvgPool2d((pooled_size, pooled_size))
-        model.classifier = nn.Sequential(
-            nn.Linear(channels * pooled_size * pooled_size, hidden),
-            nn.ReLU(True),
-            nn.Dropout(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(True),
-            nn.Dropout(),
-            nn.Linear(hidden, num_classes),
-        )
+    model.features = features
+    model.avgpool = nn.AdaptiveAvgPool2d((pooled_size, pooled_size))
+    model.classifier = nn.Sequential(
+        nn.Linear(channels * pooled_size * pooled_size, hidden),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(hidden, num_classes),
+    )
+    if init:
+        _init_like_torchvision(model)
     return model
+
+
+def _init_like_torchvision(model: nn.Module) -> None:
+    """torchvision's VGG initialisation (kaiming for convs, N(0, 0.01) for linear layers)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
 
 
 @torch.no_grad()
@@ -189,7 +225,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"refusing {path}: it holds more than tensors (pickled code is not loaded); "
             f"save a plain state dict with torch.save(model.state_dict(), path). Detail: {str(error).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, ValueError, KeyError) as error:
         raise WeightsError(f"cannot read weights file {path}: it is corrupt or not a torch file ({error})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -223,7 +259,8 @@ def _imagenet_state(name: str) -> dict[str, torch.Tensor]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # a firewall that drops packets must not hang the run
     try:
-        return weights_enum.get_state_dict(progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch hub announces the download on stderr
+            return weights_enum.get_state_dict(progress=False)
     except Exception as error:  # urllib raises many kinds; all mean the same to the user
         raise WeightsError(
             f"cannot download imagenet weights for {name} ({type(error).__name__}: {error}); "
@@ -258,22 +295,18 @@ def load_model(
     elif str(weights) == "imagenet":
         if num_classes not in (None, 1000):
             raise WeightsError("imagenet weights have 1000 classes; drop num_classes or pass a weights file")
-        model = build_vgg(name, 1000)
+        model = build_vgg(name, 1000, init=False)
         model.load_state_dict(_imagenet_state(name))
         weights_id = f"imagenet-{name}"
+        classes = list(tv_vgg.VGG16_Weights.IMAGENET1K_V1.meta["categories"])
     elif str(weights).startswith("demo"):
-        key = "digits" if str(weights) == "demo" else str(weights).removeprefix("demo-")
-        bundled = demo_models()
-        if key not in bundled:
-            raise WeightsError(f"no bundled demo model {weights!r}; available: "
-                               + (", ".join(f"demo-{k}" for k in bundled) or "none"))
-        spec = bundled[key]
+        spec = demo_spec(str(weights))
         path = ASSETS / spec.file
         actual = file_sha256(path) if path.is_file() else "missing"
         if actual != spec.sha256:
             raise WeightsError(f"bundled demo weights {path} are {actual}, expected sha256 {spec.sha256}: "
                                "reinstall lrpscale or re-run scripts/train_demo_models.py")
-        model = build_vgg(name, spec.num_classes, spec.width_divisor, spec.hidden, pooled_size=1)
+        model = build_vgg(name, spec.num_classes, spec.width_divisor, spec.hidden, pooled_size=1, init=False)
         model.load_state_dict(load_state_dict(path))
         weights_id = spec.sha256
         mean_std = (spec.mean, spec.std)
@@ -283,7 +316,7 @@ def load_model(
         shape = _vgg_shape_from_state(state)
         if num_classes is not None and num_classes != shape["num_classes"]:
             raise WeightsError(f"{weights} has {shape['num_classes']} classes, not num_classes={num_classes}")
-        model = build_vgg(name, **shape)
+        model = build_vgg(name, **shape, init=False)
         try:
             model.load_state_dict(state)
         except RuntimeError as error:

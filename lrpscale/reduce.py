@@ -20,6 +20,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+import torch
+
+from .models import build_vgg, layer_aliases
 from .paths import OUTPUT, path_graph
 from .schema import tensor_column
 
@@ -129,8 +132,16 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     if pictures:
         from . import viz
 
-        viz.class_pictures(out, heatmaps, graphs, curves)
+        viz.class_pictures(out, heatmaps, graphs, curves, _layer_labels(run))
     return out
+
+
+def _layer_labels(run: Path) -> dict[str, str]:
+    """features.28 -> conv5_3 for the run's architecture (read from run.json), for pictures."""
+    info = json.loads((run / "run.json").read_text())
+    with torch.device("meta"):  # only the layer structure is needed, not weights
+        model = build_vgg(info["config"]["model"], init=False)
+    return {name: alias for alias, name in layer_aliases(model).items()}
 
 
 def _fold(run: Path, table: str, columns: list[str], keys: tuple[str, ...], values: tuple[str, ...]) -> pd.DataFrame:

@@ -79,3 +79,33 @@ def normalized(relevance: torch.Tensor) -> torch.Tensor:
 
 def relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def zennit_conditional(model, x, target, low, high, masks: dict):
+    """Input relevance (N,3,H,W) of zennit's EpsilonGammaBox conditioned on several layers at once.
+
+    ``masks``: {module name: (N, C) 0/1 mask}; each multiplies the gradient (the relevance) at that
+    layer's output through a tensor hook, as zennit-crp conditions a heatmap on a path of neurons.
+    """
+    model = model.eval()
+    composite = zennit_composite("epsilon-gamma-box", low, high, x.shape, canonize=False)
+    missing = set(masks) - {name for name, _ in model.named_modules()}
+    if missing:
+        raise KeyError(f"no modules named {sorted(missing)} to condition on")
+    handles = []
+    x = x.clone().requires_grad_(True)
+    with composite.context(model) as modified:
+        for name, module in modified.named_modules():
+            if name in masks:
+                def hook(mod, inputs, output, mask=masks[name]):
+                    shaped = mask.to(output).reshape(*mask.shape, *([1] * (output.ndim - 2)))
+                    output.register_hook(lambda grad: grad * shaped)
+                handles.append(module.register_forward_hook(hook))
+        out = modified(x)
+        init = torch.zeros_like(out)
+        rows = torch.arange(len(x))
+        init[rows, target] = out[rows, target]
+        relevance, = torch.autograd.grad(out, x, init)
+    for handle in handles:
+        handle.remove()
+    return relevance.detach()

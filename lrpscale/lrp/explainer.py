@@ -265,15 +265,19 @@ class Explainer:
 
 
 def _neuron_mask(neurons, n: int, channels: int, layer: str) -> Tensor:
-    """(N, C) 0/1 mask from a list of ints, a list of N lists, or a tensor (C,) / (N, C)."""
+    """(N, C) 0/1 mask from a list of ints, a list of N lists, or a 0/1 tensor (C,) / (N, C)."""
     if isinstance(neurons, Tensor):
-        mask = neurons.float().reshape(-1, channels) if neurons.numel() in (channels, n * channels) else None
-        if mask is None:
+        if neurons.numel() not in (channels, n * channels):
             raise ValueError(f"restriction mask for {layer} must have {channels} or {n}x{channels} entries")
-        return mask.expand(n, channels).cpu()
+        if not ((neurons == 0) | (neurons == 1)).all():
+            raise ValueError(f"restriction mask for {layer} must hold only 0 and 1; pass neuron indices as a list")
+        return neurons.float().reshape(-1, channels).expand(n, channels).cpu()
     neurons = list(neurons)
-    per_image = len(neurons) == n and all(isinstance(v, (list, tuple, range)) for v in neurons)
-    lists = neurons if per_image else [neurons] * n
+    nested = [isinstance(v, (list, tuple, range, Tensor)) for v in neurons]
+    if any(nested) and (not all(nested) or len(neurons) != n):
+        raise ValueError(f"restriction for {layer}: give one list of neuron indices for every image, or one list "
+                         f"per image ({n} lists); got {len(neurons)} entries mixing lists and indices")
+    lists = neurons if any(nested) else [neurons] * n
     mask = torch.zeros(n, channels)
     for row, chosen in enumerate(lists):
         chosen = [int(c) for c in chosen]
