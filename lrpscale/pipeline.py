@@ -51,6 +51,7 @@ class RunConfig:
     num_actors: int | None = None
     actor_resources: dict | None = None
     max_pixels: int = data.DEFAULT_MAX_PIXELS
+    tf32: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def fingerprint(self, model_id: str) -> dict:
@@ -90,8 +91,14 @@ class AnalyzerActor:
     input becomes an ``analyze`` error row instead of taking its batch down.
     """
 
-    def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None):
+    def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
+                 tf32: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            # the actor owns its process: TF32 convolutions select slightly different neurons than
+            # the CPU does, so full FP32 is the default and TF32 an opt-in for speed
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         net = load_model(model, weights).to(self.device)
         self.analyzer = Analyzer(net, AnalysisConfig(**analysis))
         self.classes = net.lrpscale_classes
@@ -337,7 +344,7 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     dataset = dataset.map_batches(
         AnalyzerActor, batch_size=config.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": config.model, "weights": config.weights,
-                               "analysis": config.analysis.to_dict()},
+                               "analysis": config.analysis.to_dict(), "tf32": config.tf32},
         compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
 
     buffers: dict[int, dict[str, dict]] = defaultdict(dict)

@@ -599,7 +599,7 @@ def class_pictures(classes_dir: str | Path, heatmaps, graphs: Mapping[tuple[str,
     for by, group in frame.groupby("by"):
         group = group.sort_values("class", key=lambda c: c.map(lambda v: (len(str(v)), str(v))))
         maps = [np.asarray(h, np.float32).reshape(int(round(len(h) ** 0.5)), -1) for h in group["heatmap"]]
-        titles = [f"{name} (n={n}, acc {acc:.0%})" for name, n, acc in
+        titles = [f"{name}\nn={n}, acc {acc:.0%}" for name, n, acc in
                   zip(group["class_name"], group["images"], group["accuracy"])]
         what = "true label" if by == "label" else "prediction"
         sheet = contact_sheet(maps, titles, title=f"Mean normalised LRP heatmap per class, by {what}")
