@@ -479,7 +479,7 @@ def reduce(args: argparse.Namespace) -> int:
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lrpscale-demo", type=Path, help="default ./lrpscale-demo")
     parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"))
-    parser.add_argument("--limit", type=int, default=None, help="fashion-mnist: only the first N images")
+    parser.add_argument("--limit", type=int, default=None, help="fashion-mnist: only the first N images of each split (train and test)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
 

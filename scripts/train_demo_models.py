@@ -46,7 +46,7 @@ class Recipe:
     hidden: int
     epochs: int
     batch_size: int
-    learning_rate: float
+    learning_rate: float  # the peak of a one-cycle schedule (warm-up, then cosine decay)
     max_shift: int  # random translation in pixels of the 32x32 input, each direction
     flip: bool  # random horizontal flips (clothes are left-right symmetric, digits are not)
 
@@ -97,11 +97,29 @@ def accuracy(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return (predictions == labels).float().mean().item()
 
 
+@torch.no_grad()
+def initialise(model: torch.nn.Module) -> torch.nn.Module:
+    """Seeded initial weights: kaiming-normal convs (fan-out, as torchvision's VGG), PyTorch's
+    default for the linear layers, zero conv biases.
+
+    Done here rather than left to ``build_vgg`` so that the committed weights depend only on
+    this script, not on how ``build_vgg`` happens to draw its random numbers.
+    """
+    torch.manual_seed(SEED)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    return model
+
+
 def train(recipe: Recipe, pixels: torch.Tensor, labels: torch.Tensor, mean: float, std: float) -> torch.nn.Module:
     """Train a narrow VGG16 from a fixed seed on (N, 1, S, S) pixels in [0, 1] and (N,) labels."""
-    torch.manual_seed(SEED)  # initial weights and dropout masks
-    generator = torch.Generator().manual_seed(SEED)  # batch order and augmentation
     model = build_vgg(MODEL_NAME, len(labels.unique()), recipe.width_divisor, recipe.hidden, pooled_size=1)
+    initialise(model)  # also seeds the dropout masks that follow
+    generator = torch.Generator().manual_seed(SEED)  # batch order and augmentation
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     steps_per_epoch = -(-len(labels) // recipe.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -191,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     args.assets.mkdir(parents=True, exist_ok=True)
-    datasets = list(RECIPES) if args.dataset == "all" else [args.dataset]
-    entries = {dataset: build_demo_model(dataset, args.data_root, args.assets) for dataset in datasets}
-    print(f"wrote {write_manifest(args.assets, entries)}")
+    for dataset in list(RECIPES) if args.dataset == "all" else [args.dataset]:
+        entry = build_demo_model(dataset, args.data_root, args.assets)
+        # recorded at once, so weights and manifest disagree only for a moment, not for a training run
+        print(f"wrote {write_manifest(args.assets, {dataset: entry})}")
 
 
 if __name__ == "__main__":
