@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__, data, schema
-from .analyze import AnalysisConfig, Analyzer
+from .analyze import AnalysisConfig, Analyzer, use_tf32
 from .models import input_normalization, load_model
 
 COMMITS = "_commits"
@@ -93,12 +93,10 @@ class AnalyzerActor:
 
     def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
                  tf32: bool = False):
+        # the actor owns its process: TF32 convolutions select slightly different neurons than the
+        # CPU does, so full FP32 is the default and TF32 an opt-in for speed; set before CUDA starts
+        use_tf32(tf32)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda":
-            # the actor owns its process: TF32 convolutions select slightly different neurons than
-            # the CPU does, so full FP32 is the default and TF32 an opt-in for speed
-            torch.backends.cudnn.allow_tf32 = tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         net = load_model(model, weights).to(self.device)
         self.analyzer = Analyzer(net, AnalysisConfig(**analysis))
         self.classes = net.lrpscale_classes

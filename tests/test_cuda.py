@@ -1,40 +1,50 @@
 """CUDA against CPU and against zennit, where a CUDA GPU is available (skipped elsewhere)."""
 from __future__ import annotations
 
+import os
+
+# before anything starts CUDA: cuDNN reads it when it loads (see lrpscale.analyze.use_tf32)
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+
 import numpy as np
 import pytest
 import torch
 
 import lrpscale
-from lrpscale.analyze import AnalysisConfig
+from lrpscale.analyze import AnalysisConfig, use_tf32
 from lrpscale.models import build_vgg
 from oracles import normalized, relative_max_diff, zennit_lrp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def full_fp32():
-    """TF32 would make CUDA differ from the CPU by more than rounding."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+def assert_close_across_devices(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Heatmaps from two devices in FP32, each normalised by its sum of |values|.
+
+    cuDNN sums in other orders than the CPU; over 16 layers that moves pixels where positive and
+    negative contributions cancel. Measured on an H100 (VGG16, 224x224): lrpscale CUDA vs CPU,
+    relative L2 error 2.6e-5 (epsilon-gamma-box) and 1.9e-3 (alpha-beta, whose 2x positive minus
+    1x negative parts amplify rounding); zennit's own CUDA vs CPU 2.0e-3 for epsilon-gamma-box.
+    A wrong rule or mask moves the heatmap by O(1).
+    """
+    a, b = normalized(a.cpu()), normalized(b.cpu())
+    assert float((a - b).norm() / b.norm()) < 5e-3
+    assert relative_max_diff(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("composite", list(lrpscale.COMPOSITES))
-def test_cuda_heatmap_equals_zennit_and_cpu(composite):
+def test_cuda_heatmap_equals_cpu_and_zennit(composite):
     torch.manual_seed(0)
     model = build_vgg("vgg16").eval()
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    cpu = lrpscale.Explainer(model, composite).explain(x, keep_layers=False)
-    cuda_explainer = lrpscale.Explainer(model.cuda(), composite)
-    cuda = cuda_explainer.explain(x.cuda(), keep_layers=False)
+    cpu_explainer = lrpscale.Explainer(model, composite)
+    cpu = cpu_explainer.explain(x, keep_layers=False)
+    # the oracle runs on the CPU: zennit's own CUDA kernels sum in yet another order
+    theirs, _ = zennit_lrp(model, x, cpu.target, composite, cpu_explainer.low, cpu_explainer.high)
+    cuda = lrpscale.Explainer(model.cuda(), composite).explain(x.cuda(), keep_layers=False)
     assert torch.equal(cuda.target.cpu(), cpu.target)
-    assert relative_max_diff(normalized(cuda.relevance.cpu()), normalized(cpu.relevance)) < 1e-5
-    theirs, _ = zennit_lrp(model, x.cuda(), cuda.target, composite, cuda_explainer.low.cuda(),
-                           cuda_explainer.high.cuda())
-    assert relative_max_diff(normalized(cuda.relevance), normalized(theirs)) < 1e-5
+    assert_close_across_devices(cuda.relevance, cpu.relevance)
+    assert_close_across_devices(cuda.relevance, theirs)
 
 
 def test_cuda_batch_invariance():
@@ -44,7 +54,7 @@ def test_cuda_batch_invariance():
     explainer = lrpscale.Explainer(model)
     together = explainer.explain(x, keep_layers=False).relevance
     alone = explainer.explain(x[3:4], keep_layers=False).relevance
-    assert relative_max_diff(normalized(alone), normalized(together[3:4])) < 1e-5
+    assert_close_across_devices(alone, together[3:4])
 
 
 def test_analyzer_actor_on_cuda_agrees_with_cpu(tmp_path):
@@ -71,4 +81,10 @@ def test_analyzer_actor_on_cuda_agrees_with_cpu(tmp_path):
         chosen_a = {(s["layer"], s["variant"]): s["k"] for s in a["scores"] if s["chosen"]}
         chosen_b = {(s["layer"], s["variant"]): s["k"] for s in b["scores"] if s["chosen"]}
         assert chosen_a == chosen_b
-        assert [(n["layer"], n["neuron"]) for n in a["neurons"]] == [(n["layer"], n["neuron"]) for n in b["neurons"]]
+        # the head of every ranking agrees; deep in a 64-neuron selection, near-equal relevances
+        # may swap places between devices
+        for layer in {n["layer"] for n in b["neurons"]}:
+            ranked_a = [n["neuron"] for n in a["neurons"] if n["layer"] == layer]
+            ranked_b = [n["neuron"] for n in b["neurons"] if n["layer"] == layer]
+            assert ranked_a[:4] == ranked_b[:4]
+            assert len(set(ranked_a) & set(ranked_b)) >= 0.9 * len(ranked_b)
