@@ -5,11 +5,10 @@ the LRP heatmap with its conservation report, the k sweep with MSE/SMAPE scores 
 k, the selected neurons, the critical path and deconvolutions of the path's top neurons. It
 returns tensors plus small Python records; it knows nothing of Ray or Parquet.
 
-Cost, in units of one LRP heatmap (forward + backward): with the defaults, the sweep adds
-|ks| restricted backward passes from the last conv layer (about 0.9 heatmap each at VGG16
-224x224), the path edges one block's backward per selected upper neuron and layer pair, the
-deconvolutions about a third of a heatmap each. The defaults keep the total near ten heatmaps;
-``benchmarks/selection_throughput.py`` measures it.
+Cost, in units of one LRP heatmap (forward + backward), measured by
+``benchmarks/selection_throughput.py`` for VGG16 at 224x224 with the defaults: about 4 heatmaps
+per image on a 2-core CPU (sweep 1.5, critical-path edges 1.3, deconvolution 0.3) and about 7 on
+an H100 at batch 32-64, where the many small batched passes of the edges use the GPU less well.
 """
 from __future__ import annotations
 
@@ -88,41 +87,54 @@ class BatchAnalysis:
     def records(self) -> list[dict]:
         """One plain-Python record per image: scalars, the small heatmap as a float32 array, and
         nested lists of neurons, scores, edges and deconvolutions (the shape Parquet rows take)."""
+        # every tensor to plain lists once: element-wise reads of GPU tensors would sync each time
         probabilities = self.logits.softmax(1)
-        rows = []
         relevance_in = self.heatmap.flatten(1)
         rel_pos = relevance_in.clamp(min=0).sum(1).tolist()
         rel_neg = relevance_in.clamp(max=0).sum(1).tolist()
-        for n in range(self.logits.shape[0]):
-            target = int(self.target[n])
-            neurons = [{"layer": layer, "neuron": neuron, "rank": rank,
-                        "relevance": float(chosen.relevance[n, neuron]),
-                        "activation": float(chosen.activation[n, neuron])}
-                       for layer, chosen in self.selected.items() for rank, neuron in enumerate(chosen.neurons(n))]
+        targets, preds = self.target.tolist(), self.logits.argmax(1).tolist()
+        rows_of = torch.arange(len(targets), device=self.logits.device)
+        logits = self.logits[rows_of, self.target].tolist()
+        probs = probabilities[rows_of, self.target].tolist()
+        totals = {layer: total.tolist() for layer, total in self.totals.items()}
+        conservation = self.conservation_error.tolist()
+        selected = {layer: (chosen.relevance.tolist(), chosen.activation.tolist(), chosen)
+                    for layer, chosen in self.selected.items()}
+        small = self.heatmap_small.float().cpu().numpy()
+        pictures = {layer: (channels.tolist(), images.float().cpu().numpy(), self.selected[layer].counts.tolist())
+                    for layer, (channels, images) in self.deconv.items()}
+        score_lists = {layer: {variant: tuple(t.tolist() for t in result.scores[variant]) for variant in VARIANTS}
+                       for layer, result in self.sweeps.items()}
+        chosen_index = {layer: result.chosen.tolist() for layer, result in self.sweeps.items()}
+        rows = []
+        for n in range(len(targets)):
+            neurons = [{"layer": layer, "neuron": neuron, "rank": rank, "relevance": relevance[n][neuron],
+                        "activation": activation[n][neuron]}
+                       for layer, (relevance, activation, chosen) in selected.items()
+                       for rank, neuron in enumerate(chosen.neurons(n))]
             scores = []
             for layer, result in self.sweeps.items():
                 for variant in VARIANTS:
-                    mse_values, smape_values = (t[n].tolist() for t in result.scores[variant])
+                    mse_values, smape_values = (t[n] for t in score_lists[layer][variant])
                     for index, k in enumerate(result.ks):
                         scores.append({"layer": layer, "k": k, "variant": variant, "mse": mse_values[index],
-                                       "smape": smape_values[index], "chosen": index == int(result.chosen[n])})
+                                       "smape": smape_values[index], "chosen": index == chosen_index[layer][n]})
             deconvs = []
-            for layer, (channels, pictures) in self.deconv.items():
-                own = min(len(channels[n]), int(self.selected[layer].counts[n]))
-                for j, channel in enumerate(channels[n, :own].tolist()):
-                    deconvs.append({"layer": layer, "neuron": channel,
-                                    "reconstruction": pictures[n, j].cpu().numpy()})
+            for layer, (channels, images, counts) in pictures.items():
+                own = min(len(channels[n]), counts[n])  # this image's own selected neurons only
+                for j, channel in enumerate(channels[n][:own]):
+                    deconvs.append({"layer": layer, "neuron": channel, "reconstruction": images[n, j]})
             rows.append({
-                "pred": int(self.logits[n].argmax()),
-                "target": target,
-                "logit": float(self.logits[n, target]),
-                "prob": float(probabilities[n, target]),
-                "rel_total": float(self.totals["input"][n]),
+                "pred": preds[n],
+                "target": targets[n],
+                "logit": logits[n],
+                "prob": probs[n],
+                "rel_total": totals["input"][n],
                 "rel_pos": rel_pos[n],
                 "rel_neg": rel_neg[n],
-                "conservation_error": float(self.conservation_error[n]),
-                "heatmap": self.heatmap_small[n].cpu().numpy(),
-                "layer_totals": {layer: float(total[n]) for layer, total in self.totals.items()},
+                "conservation_error": conservation[n],
+                "heatmap": small[n],
+                "layer_totals": {layer: total[n] for layer, total in totals.items()},
                 "neurons": neurons,
                 "scores": scores,
                 "edges": self.edges[n],

@@ -7,7 +7,7 @@ as one batch of masks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import networkx as nx
@@ -49,8 +49,13 @@ class Selected:
     relevance: Tensor
     activation: Tensor
 
+    _lists: list[list[int]] | None = field(default=None, init=False, repr=False)
+
     def neurons(self, image: int) -> list[int]:
-        return self.order[image, : int(self.counts[image])].tolist()
+        """The selected neurons of one image, most relevant first."""
+        if self._lists is None:  # one transfer for all images: per-image reads would sync a GPU each time
+            self._lists = [row[:count] for row, count in zip(self.order.tolist(), self.counts.tolist())]
+        return self._lists[image]
 
     def one_hot(self) -> Tensor:
         """(N, K, C) with row j the indicator of the j-th selected neuron (zero past counts[n])."""
@@ -88,30 +93,33 @@ def critical_path(explainer: Explainer, record: ForwardRecord, relevance_at: dic
     n = target.shape[0]
     nodes: list[list[dict]] = [[] for _ in range(n)]
     edges: list[list[dict]] = [[] for _ in range(n)]
+    # plain lists first: reading GPU tensors element by element would sync the device each time
+    relevance = {layer: selected[layer].relevance.tolist() for layer in layers}
+    activation = {layer: selected[layer].activation.tolist() for layer in layers}
+    chosen = {layer: [selected[layer].neurons(image) for image in range(n)] for layer in layers}
+    targets, initials = target.tolist(), initial.tolist()
+    logits = record.logits[torch.arange(n, device=target.device), target].tolist()
     for layer in layers:
-        chosen = selected[layer]
         for image in range(n):
-            for rank, neuron in enumerate(chosen.neurons(image)):
+            for rank, neuron in enumerate(chosen[layer][image]):
                 nodes[image].append({"layer": layer, "neuron": neuron, "rank": rank,
-                                     "relevance": float(chosen.relevance[image, neuron]),
-                                     "activation": float(chosen.activation[image, neuron])})
+                                     "relevance": relevance[layer][image][neuron],
+                                     "activation": activation[layer][image][neuron]})
     for image in range(n):
-        nodes[image].append({"layer": OUTPUT, "neuron": int(target[image]), "rank": 0,
-                             "relevance": float(initial[image]), "activation": float(record.logits[image, target[image]])})
+        nodes[image].append({"layer": OUTPUT, "neuron": targets[image], "rank": 0,
+                             "relevance": initials[image], "activation": logits[image]})
     for lower, upper in zip(layers[:-1], layers[1:]):
-        flows = edge_relevance(explainer, record, relevance_at[upper], upper, lower, selected[upper]).cpu()
+        flows = edge_relevance(explainer, record, relevance_at[upper], upper, lower, selected[upper]).tolist()
         for image in range(n):
-            for j, upper_neuron in enumerate(selected[upper].neurons(image)):
-                for lower_neuron in selected[lower].neurons(image):
+            for j, upper_neuron in enumerate(chosen[upper][image]):
+                for lower_neuron in chosen[lower][image]:
                     edges[image].append({"layer_from": lower, "neuron_from": lower_neuron, "layer_to": upper,
-                                         "neuron_to": upper_neuron,
-                                         "relevance": float(flows[image, j, lower_neuron])})
+                                         "neuron_to": upper_neuron, "relevance": flows[image][j][lower_neuron]})
     top = layers[-1]
     for image in range(n):  # only the target's relevance is propagated: the top layer's relevance is its edge
-        for neuron in selected[top].neurons(image):
+        for neuron in chosen[top][image]:
             edges[image].append({"layer_from": top, "neuron_from": neuron, "layer_to": OUTPUT,
-                                 "neuron_to": int(target[image]),
-                                 "relevance": float(selected[top].relevance[image, neuron])})
+                                 "neuron_to": targets[image], "relevance": relevance[top][image][neuron]})
     return nodes, edges
 
 
