@@ -16,11 +16,11 @@ def zennit_composite(name: str, low: torch.Tensor, high: torch.Tensor, shape, ca
             "epsilon-alpha2-beta1-flat": EpsilonAlpha2Beta1Flat}[name](**kwargs)
 
 
-def zennit_lrp(model, x, target, composite: str, low, high, canonize=False, layer_mask=None):
+def zennit_lrp(model, x, target, composite: str, low, high, canonize=False, masks=None):
     """Input relevance (N,3,H,W) and relevance at every conv/linear output, computed by zennit.
 
-    ``layer_mask``: optional (module name, (N, C) 0/1 mask) that multiplies the relevance flowing
-    into that layer's output, as zennit-crp conditions a heatmap: a tensor hook on the gradient.
+    ``masks``: optional {module name: (N, C) 0/1 mask} multiplying the relevance that flows into
+    each named layer's output, as zennit-crp conditions a heatmap: a tensor hook on the gradient.
     """
     model = model.eval()
     composite_obj = zennit_composite(composite, low, high, x.shape, canonize)
@@ -32,9 +32,9 @@ def zennit_lrp(model, x, target, composite: str, low, high, canonize=False, laye
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 def hook(mod, inputs, output, name=name):
                     def grad_hook(grad):
-                        if layer_mask is not None and layer_mask[0] == name:
-                            mask = layer_mask[1].to(grad).reshape(*layer_mask[1].shape, *([1] * (grad.ndim - 2)))
-                            grad = grad * mask
+                        if masks and name in masks:
+                            mask = masks[name].to(grad)
+                            grad = grad * mask.reshape(*mask.shape, *([1] * (grad.ndim - 2)))
                         layers[name] = grad.detach().clone()
                         return grad
                     output.register_hook(grad_hook)
@@ -79,33 +79,3 @@ def normalized(relevance: torch.Tensor) -> torch.Tensor:
 
 def relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-def zennit_conditional(model, x, target, low, high, masks: dict):
-    """Input relevance (N,3,H,W) of zennit's EpsilonGammaBox conditioned on several layers at once.
-
-    ``masks``: {module name: (N, C) 0/1 mask}; each multiplies the gradient (the relevance) at that
-    layer's output through a tensor hook, as zennit-crp conditions a heatmap on a path of neurons.
-    """
-    model = model.eval()
-    composite = zennit_composite("epsilon-gamma-box", low, high, x.shape, canonize=False)
-    missing = set(masks) - {name for name, _ in model.named_modules()}
-    if missing:
-        raise KeyError(f"no modules named {sorted(missing)} to condition on")
-    handles = []
-    x = x.clone().requires_grad_(True)
-    with composite.context(model) as modified:
-        for name, module in modified.named_modules():
-            if name in masks:
-                def hook(mod, inputs, output, mask=masks[name]):
-                    shaped = mask.to(output).reshape(*mask.shape, *([1] * (output.ndim - 2)))
-                    output.register_hook(lambda grad: grad * shaped)
-                handles.append(module.register_forward_hook(hook))
-        out = modified(x)
-        init = torch.zeros_like(out)
-        rows = torch.arange(len(x))
-        init[rows, target] = out[rows, target]
-        relevance, = torch.autograd.grad(out, x, init)
-    for handle in handles:
-        handle.remove()
-    return relevance.detach()
