@@ -238,6 +238,19 @@ def target_checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def frozen_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(device, seeded random model on it without parameter gradients) from --threads/--device/--model/--seed."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
+    device = torch.device(args.device)
+    model = lrpscale.load_model(args.model, seed=args.seed).to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return device, model
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=parse_ints, default=[1, 8])
@@ -250,15 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
-    device = torch.device(args.device)
-
-    model = lrpscale.load_model(args.model, seed=args.seed).to(device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    device, model = frozen_model(args, parser)
     explainers = {name: lrpscale.Explainer(model, name) for name in COMPOSITES}
 
     settings = {"model": f"{args.model} (random weights, seed {args.seed})", "size": args.size,

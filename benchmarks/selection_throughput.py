@@ -27,7 +27,7 @@ import lrpscale
 from lrpscale import analyze
 from lrpscale.selection import neuron_totals, rank_neurons, sweep, top_k_masks
 
-from lrp_throughput import (environment, heatmap_difference, interleaved, paired_ratio, parse_ints,
+from lrp_throughput import (environment, frozen_model, heatmap_difference, interleaved, paired_ratio, parse_ints,
                             print_environment, random_images, synchronizer, zennit, zennit_composite)
 
 Tensor = torch.Tensor
@@ -286,15 +286,7 @@ def main(argv=None) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if unknown := set(parts) - {"sweep", "analysis"}:
         parser.error(f"unknown parts {sorted(unknown)}; choose from sweep, analysis")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
-    device = torch.device(args.device)
-
-    model = lrpscale.load_model(args.model, seed=args.seed).to(device)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    device, model = frozen_model(args, parser)
     settings = {"model": f"{args.model} (random weights, seed {args.seed})", "size": args.size,
                 "batch_sizes": args.batch_sizes, "parts": parts, "layer": args.layer, "ks": args.ks,
                 "composite": "epsilon-gamma-box", "repeats": args.repeats, "warmup": args.warmup,
