@@ -253,8 +253,8 @@ def _default_actors(config: RunConfig) -> tuple[int, dict]:
     if config.num_actors:
         return config.num_actors, resources
     if "num_gpus" in resources and gpus:
-        return max(1, gpus // max(1, int(resources["num_gpus"]))), resources
-    custom = {k: v for k, v in resources.get("resources", {}).items()}
+        return max(1, int(gpus / resources["num_gpus"])), resources
+    custom = resources.get("resources", {})
     if custom:  # e.g. one accelerator slot per actor advertised as a custom resource
         name, amount = next(iter(custom.items()))
         return max(1, int(ray.cluster_resources().get(name, 0) // amount)), resources
