@@ -25,16 +25,22 @@ import torch
 from .models import build_vgg, layer_aliases
 from .paths import OUTPUT, path_graph
 from .schema import tensor_column
+from .viz import file_safe
 
 BY = ("label", "pred")
 CLASSES = "classes"
 
 
-def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096):
-    """Record batches of a run table, committed shards only."""
+def committed_files(run: Path, table: str) -> list[str]:
+    """The Parquet files of a run table whose shards are committed (a crashed shard's are not)."""
     folder = run / table
     committed = {p.stem for p in (run / "_commits").glob("part-*.json")}
-    files = sorted(str(p) for p in folder.glob("part-*.parquet") if p.stem in committed) if folder.is_dir() else []
+    return sorted(str(p) for p in folder.glob("part-*.parquet") if p.stem in committed) if folder.is_dir() else []
+
+
+def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096):
+    """Record batches of a run table, committed shards only."""
+    files = committed_files(run, table)
     if not files:
         return
     yield from ds.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
@@ -124,7 +130,7 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     for by, cls in summaries:
         graph = class_graph(nodes, edges, by, cls, top_nodes, min_edge_frequency)
         graphs[(by, cls)] = graph
-        nx.write_graphml(_graphml_ready(graph), out / "graphml" / f"{by}-{_safe(cls)}.graphml")
+        nx.write_graphml(_graphml_ready(graph), out / "graphml" / f"{by}-{file_safe(cls)}.graphml")
     (out / "summary.json").write_text(json.dumps({
         "classes": {by: sorted({c for b, c in summaries if b == by}) for by in BY},
         "images": int(sum(s.images for (b, _), s in summaries.items() if b == "pred")),
@@ -205,7 +211,3 @@ def class_graph(nodes: pd.DataFrame, edges: pd.DataFrame, by: str, cls: str, top
 def _graphml_ready(graph: nx.DiGraph) -> nx.DiGraph:
     """GraphML wants scalar node ids: (layer, neuron) -> "layer:neuron"."""
     return nx.relabel_nodes(graph, {node: f"{node[0]}:{node[1]}" for node in graph.nodes})
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))

@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 
 from . import schema
 from .paths import path_graph
-from .reduce import CLASSES, class_graph
+from .reduce import CLASSES, class_graph, committed_files
 
 
 class Run:
@@ -37,9 +37,7 @@ class Run:
         self.info = json.loads((self.path / "run.json").read_text())
 
     def files(self, table: str) -> list[str]:
-        committed = {p.stem for p in (self.path / "_commits").glob("part-*.json")}
-        folder = self.path / table
-        return sorted(str(p) for p in folder.glob("part-*.parquet") if p.stem in committed) if folder.is_dir() else []
+        return committed_files(self.path, table)
 
     def arrow(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """A table as Arrow, with column projection and a pyarrow filter pushed down."""

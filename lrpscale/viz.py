@@ -609,7 +609,7 @@ def class_pictures(classes_dir: str | Path, heatmaps, graphs: Mapping[tuple[str,
             continue
         figure = path_graph_figure(graph, title=f"class {cls} (by {by}): most frequent critical neurons",
                                    layer_labels=layer_labels, size_attr="frequency", width_attr="relevance")
-        written.append(save_figure(figure, classes_dir / "graphs" / f"{by}-{_file_safe(cls)}.png"))
+        written.append(save_figure(figure, classes_dir / "graphs" / f"{by}-{file_safe(cls)}.png"))
     fidelity = curves[curves["variant"] == "fidelity"]
     for (by, layer), group in fidelity.groupby(["by", "layer"]):
         ks = sorted(group["k"].unique())
@@ -619,9 +619,9 @@ def class_pictures(classes_dir: str | Path, heatmaps, graphs: Mapping[tuple[str,
             scores[str(cls)] = (rows["mean_mse"].to_numpy(), rows["mean_smape"].to_numpy())
         label = (layer_labels or {}).get(layer, layer)
         figure = score_curves_figure(ks, scores, title=f"fidelity of the top-k neurons of {label}, per class (by {by})")
-        written.append(save_figure(figure, classes_dir / f"k_curves_{by}_{_file_safe(layer)}.png"))
+        written.append(save_figure(figure, classes_dir / f"k_curves_{by}_{file_safe(layer)}.png"))
     return written
 
 
-def _file_safe(name) -> str:
+def file_safe(name) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
