@@ -476,6 +476,31 @@ def reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", help="the earlier run directory")
+    parser.add_argument("run_b", help="the later run directory")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where the comparison tables go (default RUN_B/compare-<name of RUN_A>)")
+    parser.add_argument("--rows", type=int, default=10, help="classes and images listed in the printed summary")
+
+
+def compare(args: argparse.Namespace) -> int:
+    """How explanations moved between two runs: per class and per image, as Parquet and text."""
+    from .compare import compare_runs
+
+    for run in (args.run_a, args.run_b):
+        if not (Path(run) / "run.json").is_file():
+            raise CommandError(f"{run} is not an lrpscale run (no run.json)")
+    try:
+        comparison = compare_runs(args.run_a, args.run_b)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    out = comparison.write(args.output or Path(args.run_b) / f"compare-{Path(args.run_a).resolve().name}")
+    print(comparison.text(args.rows), end="")
+    print(f"comparison: {out}  (classes.parquet, images.parquet, summary.json, summary.md)")
+    return 0
+
+
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lrpscale-demo", type=Path, help="default ./lrpscale-demo")
     parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"))
@@ -516,6 +541,8 @@ register("explain", "explain one image: heatmap, neurons across k, MSE/SMAPE, cr
          explain_arguments, explain)
 register("run", "audit a dataset on Ray: per-image results to Parquet, then the reducer", run_arguments, run)
 register("reduce", "class-level graphs, summary heatmaps and k curves of a run", reduce_arguments, reduce)
+register("compare", "compare two runs: accuracy, heatmap drift, critical-path overlap, k and SMAPE per class",
+         compare_arguments, compare)
 register("demo", "the embedded default: audit scikit-learn's digits with the bundled model", demo_arguments, demo)
 
 

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,19 @@ class RunConfig:
     max_pixels: int = data.DEFAULT_MAX_PIXELS
     tf32: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "RunConfig":
+        """A RunConfig from a job's YAML mapping; ``analysis`` is a mapping of AnalysisConfig fields.
+        Unknown keys are an error naming them, so a typo in a config does not pass silently."""
+        values = dict(values)
+        analysis = values.pop("analysis", None) or {}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)}) + sorted(
+            f"analysis.{key}" for key in set(analysis) - {f.name for f in fields(AnalysisConfig)})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; run settings are {[f.name for f in fields(cls)]}, "
+                             f"analysis settings {[f.name for f in fields(AnalysisConfig)]}")
+        return cls(**values, analysis=AnalysisConfig(**analysis))
 
     def fingerprint(self, model_id: str) -> dict:
         """What makes two runs the same run (and a resume legal): model, input, analysis, size."""
@@ -283,8 +296,12 @@ class _Progress:
 
 
 def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = False,
-              progress: bool = True) -> RunSummary:
-    """Analyse every input of ``config.input`` into the run directory ``config.output``."""
+              progress: bool = True, new_inputs: bool = False) -> RunSummary:
+    """Analyse every input of ``config.input`` into the run directory ``config.output``.
+
+    new_inputs: list the input again and add the images that appeared since the run's listing
+    was frozen, as new shards (images already listed keep their shard, so each stays once).
+    """
     import ray
 
     started = time.time()
@@ -305,12 +322,11 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
 
     listing_path = run.root / LISTING
     if not listing_path.is_file():
-        listing = data.list_inputs(config.input, config.input_kind)
-        shards = pa.array(np.arange(listing.num_rows) // config.shard_size, pa.int32())
-        listing = listing.append_column("shard", shards)
-        tmp = listing_path.with_name(".listing.tmp")
-        pq.write_table(listing, tmp)
-        os.replace(tmp, listing_path)
+        _write_listing(listing_path, _sharded(data.list_inputs(config.input, config.input_kind), 0,
+                                              config.shard_size))
+    elif new_inputs:
+        _add_new_inputs(listing_path, data.list_inputs(config.input, config.input_kind), config.shard_size,
+                        progress)
     listing = pq.read_table(listing_path)
     shard_ids = listing.column("shard").to_numpy()
     all_shards = set(np.unique(shard_ids).tolist())
@@ -386,6 +402,38 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
                     "ok": counts["ok"], "errors": counts["errors"]})
     return RunSummary(run.root, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed,
                       warmup_seconds=(first_result or time.time()) - started)
+
+
+def _sharded(listing: pa.Table, first_shard: int, shard_size: int) -> pa.Table:
+    """The listing with a ``shard`` column: consecutive runs of ``shard_size`` rows from ``first_shard``."""
+    shards = first_shard + np.arange(listing.num_rows) // shard_size
+    return listing.append_column("shard", pa.array(shards, pa.int32()))
+
+
+def _write_listing(path: Path, listing: pa.Table) -> None:
+    # atomic: a crash leaves the old listing or the new one, never a partial file
+    tmp = path.with_name(".listing.tmp")
+    pq.write_table(listing, tmp)
+    os.replace(tmp, path)
+
+
+def _add_new_inputs(path: Path, fresh: pa.Table, shard_size: int, progress: bool) -> int:
+    """Append the inputs of ``fresh`` whose image_id the frozen listing lacks, as new shards.
+
+    Inputs that disappeared from the source stay in the run (their results are history).
+    Returns how many inputs were added.
+    """
+    listing = pq.read_table(path)
+    known = listing.column("image_id")
+    added = fresh.filter(pc.invert(pc.is_in(fresh.column("image_id"), value_set=known)))
+    if added.num_rows:
+        first = int(pc.max(listing.column("shard")).as_py()) + 1 if listing.num_rows else 0
+        added = _sharded(added, first, shard_size).cast(listing.schema)
+        _write_listing(path, pa.concat_tables([listing, added]))
+    if progress:
+        print(f"[lrpscale] {added.num_rows} new inputs since the run's listing ({listing.num_rows} listed before)",
+              file=sys.stderr)
+    return added.num_rows
 
 
 def _committed_counts(run: RunDirectory) -> dict[str, int]:
