@@ -419,10 +419,28 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=256, help="images per commit (default 256)")
     parser.add_argument("--num-actors", type=int, default=None, help="default: one per GPU, else one")
+    parser.add_argument("--actor-resources", type=_actor_resources, default=None, metavar="JSON",
+                        help="what one analyser actor requests, a JSON object such as "
+                        '\'{"resources": {"accel_slot": 1}, "num_cpus": 1}\' (default {"num_gpus": 1} with GPUs, '
+                        'else {"num_cpus": 2}); with a custom resource the actor count defaults to the '
+                        "cluster's total of it divided by the request")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS, else local)")
     parser.add_argument("--overwrite", action="store_true", help="analyse again even if the run exists")
     parser.add_argument("--no-reduce", action="store_true", help="skip the reducer after the run")
     _analysis_arguments(parser)
+
+
+def _actor_resources(text: str) -> dict:
+    """--actor-resources: a JSON object of Ray resource requests (num_cpus, num_gpus, memory, resources)."""
+    allowed = {"num_cpus", "num_gpus", "memory", "resources"}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict) or set(value) - allowed or not isinstance(value.get("resources", {}), dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object with keys from {sorted(allowed)}, 'resources' "
+                                         f'a mapping such as {{"accel_slot": 1}}; got {text!r}')
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -433,7 +451,8 @@ def run(args: argparse.Namespace) -> int:
     config = RunConfig(input=args.input, output=args.output, model=args.model,
                        weights=None if args.weights in ("random", "none") else args.weights,
                        input_kind=args.input_kind, image_size=args.image_size, batch_size=args.batch_size,
-                       shard_size=args.shard_size, num_actors=args.num_actors, analysis=_analysis_config(args))
+                       shard_size=args.shard_size, num_actors=args.num_actors,
+                       actor_resources=args.actor_resources, analysis=_analysis_config(args))
     try:
         summary = run_audit(config, address=args.address, overwrite=args.overwrite)
     except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as error:

@@ -101,8 +101,9 @@ class AnalyzerActor:
     """A model replica: ``__init__`` loads the model once, ``__call__`` analyses one batch.
 
     Takes a ``data.load_batch`` output (numpy columns) and returns a ``schema.RESULT`` table with
-    one row per input. A batch that fails in the model is retried image by image, so one bad
-    input becomes an ``analyze`` error row instead of taking its batch down.
+    one row per input, each naming the Ray node that analysed it. A batch that fails in the model
+    is retried image by image, so one bad input becomes an ``analyze`` error row instead of
+    taking its batch down.
     """
 
     def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
@@ -116,6 +117,7 @@ class AnalyzerActor:
         self.classes = net.lrpscale_classes
         self.num_classes = net.classifier[-1].out_features
         self.config = self.analyzer.config
+        self.node_id = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["image_id"])
@@ -130,7 +132,7 @@ class AnalyzerActor:
         label = _text(batch["label"][i])
         return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "label": label,
                 "label_index": label_indices([label], self.classes, self.num_classes)[0],
-                "shard": int(batch["shard"][i]),
+                "shard": int(batch["shard"][i]), "node_id": self.node_id,
                 **{name: _text(batch[name][i]) for name in data.ERROR_FIELDS}}
 
     def _analyse(self, batch, indices: list[int]) -> list[dict]:
@@ -169,6 +171,13 @@ class AnalyzerActor:
                          "pred_label": self.classes[pred] if self.classes else str(pred),
                          "heatmap": heatmap, "heatmap_scale": scale, "deconv": deconv})
         return rows
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on; None outside Ray (the actor class used alone)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _text(value) -> str | None:
@@ -225,14 +234,16 @@ class RunDirectory:
             for shard in shards:
                 self.shard_file(table, shard).unlink(missing_ok=True)
 
-    def commit(self, shard: int, tables: dict[str, pa.Table], rows: int) -> None:
+    def commit(self, shard: int, tables: dict[str, pa.Table], rows: int, nodes: list[str] = ()) -> None:
+        """Write a shard's file in every table, then its marker (``nodes``: the Ray nodes whose
+        actors analysed it)."""
         for name, table in tables.items():
             path = self.shard_file(name, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, path)
-        marker = {"shard": shard, "rows": rows, "time": time.time()}
+        marker = {"shard": shard, "rows": rows, "time": time.time(), "nodes": sorted(nodes)}
         _atomic_write_bytes(self.root / COMMITS / f"part-{shard:05d}.json", json.dumps(marker).encode())
 
 
@@ -389,7 +400,8 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
                 result = pa.concat_tables(pieces.pop(shard))
                 tables = schema.split_result(result, side, deconv_side, config.analysis.deconv_mode, model_id,
                                              run_id)
-                run.commit(shard, tables, result.num_rows)
+                nodes = pc.unique(result.column("node_id")).drop_null().to_pylist()
+                run.commit(shard, tables, result.num_rows, nodes)
                 pending_set.discard(shard)
                 del seen[shard]
     if pending_set:

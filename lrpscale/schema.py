@@ -34,8 +34,10 @@ _IMAGE_FIELDS = [
     ("conservation_error", pa.float32()), ("heatmap_scale", pa.float32()),
 ]
 
+# node_id: the Ray node of the actor that analysed the row (the driver lists a shard's nodes in its
+# commit marker); like shard, it stays out of the flat tables
 RESULT = pa.schema(_IMAGE_FIELDS + [
-    ("shard", pa.int32()),
+    ("shard", pa.int32()), ("node_id", pa.string()),
     ("heatmap", pa.list_(pa.float16())),
     ("neurons", pa.list_(_NEURON)),
     ("scores", pa.list_(_SCORE)),

@@ -27,6 +27,8 @@ from lrpscale.pipeline import AnalyzerActor, RunConfig, run_audit
 from lrpscale.reduce import reduce_run
 from lrpscale.results import open_run
 
+from exactly_once import assert_exactly_once
+
 pytestmark = pytest.mark.slow
 ALL_TABLES = ("images", "neurons", "scores", "edges", "deconv", "errors")
 
@@ -36,26 +38,11 @@ def _config(source, output, weights, **kwargs) -> RunConfig:
                      shard_size=16, batch_size=8, **kwargs)
 
 
-def _assert_exactly_once(run_dir: Path, expected_ids: set[str]):
-    images = pd.read_parquet(run_dir / "images")
-    errors = pd.read_parquet(run_dir / "errors")
-    ids = list(images.image_id) + list(errors.image_id)
-    assert len(ids) == len(set(ids)), "an image appears twice"
-    assert set(ids) == expected_ids
-    for table in ("neurons", "scores", "edges", "deconv"):
-        frame = pd.read_parquet(run_dir / table)
-        assert set(frame.image_id) <= set(images.image_id)
-    # per image, each derived table holds exactly one analysis' worth of rows
-    scores = pd.read_parquet(run_dir / "scores")
-    per_image = scores.groupby("image_id").size()
-    assert per_image.nunique() == 1
-
-
 def test_folder_audit_matches_in_process_analysis(ray_session, digits_folder, tiny_weights, tmp_path):
     summary = run_audit(_config(digits_folder, tmp_path / "run", tiny_weights))
     listing = data.list_inputs(digits_folder)
     assert summary.images == listing.num_rows == 120 and summary.ok == 120 and summary.errors == 0
-    _assert_exactly_once(tmp_path / "run", set(listing.column("image_id").to_pylist()))
+    assert_exactly_once(tmp_path / "run", set(listing.column("image_id").to_pylist()))
 
     run = open_run(tmp_path / "run")
     model = load_model("vgg11", tiny_weights)
@@ -112,7 +99,7 @@ def test_every_input_kind_gives_the_same_results(ray_session, digits_folder, tin
         summary = run_audit(_config(spec, tmp_path / kind, tiny_weights))
         assert summary.ok == 20 and summary.errors == 0, kind
         run = open_run(tmp_path / kind)
-        _assert_exactly_once(tmp_path / kind, set(data.list_inputs(spec).column("image_id").to_pylist()))
+        assert_exactly_once(tmp_path / kind, set(data.list_inputs(spec).column("image_id").to_pylist()))
         # the file stem identifies an image in every kind: the id's last component
         stems = run.images.image_id.str.split(r"[#/]").str[-1].str.replace(".png", "", regex=False)
         frame = run.images.assign(stem=stems).sort_values("stem")
@@ -219,7 +206,7 @@ def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, 
     summary = run_audit(RunConfig(input=str(digits_folder), output=str(run_dir), model="vgg11",
                                   weights=str(tiny_weights), image_size=32, shard_size=8, batch_size=4))
     assert summary.analysed_now <= 120 - 8 * committed_before
-    _assert_exactly_once(run_dir, set(data.list_inputs(digits_folder).column("image_id").to_pylist()))
+    assert_exactly_once(run_dir, set(data.list_inputs(digits_folder).column("image_id").to_pylist()))
 
 
 def _processes_named(fragment: str) -> list[int]:
@@ -243,7 +230,7 @@ def test_actor_killed_mid_run_still_gives_every_image_once(ray_session, digits_f
     assert actors, "no analyser actor found"
     os.kill(actors[0], signal.SIGKILL)
     assert child.wait(timeout=300) == 0
-    _assert_exactly_once(run_dir, set(data.list_inputs(digits_folder).column("image_id").to_pylist()))
+    assert_exactly_once(run_dir, set(data.list_inputs(digits_folder).column("image_id").to_pylist()))
 
 
 def test_reducer_heatmaps_equal_pandas_means(ray_session, digits_folder, tiny_weights, tmp_path):
