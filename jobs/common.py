@@ -16,7 +16,7 @@ import yaml
 
 def job_parser(description: str, options: dict[str, str]) -> argparse.ArgumentParser:
     """A parser with --config, --set and one ``--<option>`` per entry of ``options`` (name -> help)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", required=True, type=Path, help="the job's YAML config (jobs/configs/)")
     for name, help in options.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=help)
