@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -254,8 +255,9 @@ def _atomic_write_bytes(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address`` / RAY_ADDRESS, or start a local Ray (loopback only, no dashboard)."""
+def ensure_ray(address: str | None = None, **local_options) -> None:
+    """Join the cluster at ``address`` / RAY_ADDRESS, or start a local Ray: loopback only, no
+    dashboard, at least 4 logical CPUs; ``local_options`` go to ``ray.init`` for a local start."""
     import ray
 
     if ray.is_initialized():
@@ -263,8 +265,35 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
+        return
+    options = {"include_dashboard": False, "log_to_driver": False, "num_cpus": max(4, os.cpu_count() or 1)}
+    with _loopback_only():
+        ray.init(**{**options, **local_options})
+
+
+@contextmanager
+def _loopback_only():
+    """Start a local Ray whose processes listen on 127.0.0.1 only.
+
+    Ray takes the machine's outward address as the node address and its GCS, raylet and agents
+    then listen on every interface (ray-project/ray#59110). Its single-machine switch,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, keeps them on loopback; Ray reads it when it is
+    imported, so the driver's already-imported constant is set too. Both are restored after
+    the start: the processes Ray started keep the setting, a later join of a real cluster does not.
+    """
+    from ray._private import ray_constants
+
+    variable, saved = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
 
 
 def _default_actors(config: RunConfig) -> tuple[int, dict]:

@@ -54,8 +54,9 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=6, object_store_memory=256 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    from lrpscale.pipeline import ensure_ray
+
+    ensure_ray(num_cpus=6, object_store_memory=256 * 1024 ** 2)
     context = DataContext.get_current()
     context.target_max_block_size = 4 * 1024 ** 2
     yield ray

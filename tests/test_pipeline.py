@@ -255,3 +255,21 @@ def test_reducer_heatmaps_equal_pandas_means(ray_session, digits_folder, tiny_we
         assert mine.loc[(label, layer, neuron)] == pytest.approx(count / sizes[label])
     graph = run.class_graph(images.label.iloc[0])
     assert graph.number_of_nodes() > 0
+
+
+def test_local_ray_listens_on_loopback_only(ray_session):
+    """The local Ray the pipeline starts (and this session's, started the same way) binds 127.0.0.1."""
+    import psutil
+
+    session = ray_session._private.worker._global_node.get_session_dir_path()
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(session in part for part in p.info["cmdline"] or ())]
+    assert roots, "found no process of this Ray session"
+    processes = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    processes[os.getpid()] = psutil.Process()
+    listening = set()
+    for process in processes.values():
+        try:
+            listening |= {c.laddr.ip for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
