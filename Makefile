@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(BIN)/lrpscale demo
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "could not install chromium: the report's browser test will skip"
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -520,6 +520,38 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    # not "run": the registry keeps each subcommand's function in args.run
+    parser.add_argument("run_dir", metavar="RUN", help="a run directory")
+    parser.add_argument("--compare", default=None, metavar="OTHER",
+                        help="an earlier run to compare with (run A; this run is B)")
+    parser.add_argument("--output", type=Path, default=None, help="folder for report.html (default: the run directory)")
+    parser.add_argument("--gallery", type=int, default=None, metavar="N",
+                        help="classes pictured in the gallery; when the run has more, those with the lowest "
+                        "accuracy (default 20)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                        help="picture exactly these classes (true labels) in the gallery")
+    parser.add_argument("--rows", type=int, default=None, metavar="N", help="rows of the longer tables (default 20)")
+
+
+def report(args: argparse.Namespace) -> int:
+    """One self-contained HTML page on a run (and its comparison with another)."""
+    from .report import write_report
+
+    for run in (args.run_dir, args.compare):
+        if run is not None and not (Path(run) / "run.json").is_file():
+            raise CommandError(f"{run} is not an lrpscale run (no run.json)")
+    if (args.gallery is not None and args.gallery < 1) or (args.rows is not None and args.rows < 1):
+        raise CommandError("--gallery and --rows must be positive")
+    options = {name: getattr(args, name) for name in ("gallery", "classes", "rows") if getattr(args, name) is not None}
+    try:
+        path = write_report(args.run_dir, args.compare, args.output, **options)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"report: {path}")
+    return 0
+
+
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lrpscale-demo", type=Path, help="default ./lrpscale-demo")
     parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"))
@@ -562,6 +594,8 @@ register("run", "audit a dataset on Ray: per-image results to Parquet, then the 
 register("reduce", "class-level graphs, summary heatmaps and k curves of a run", reduce_arguments, reduce)
 register("compare", "compare two runs: accuracy, heatmap drift, critical-path overlap, k and SMAPE per class",
          compare_arguments, compare)
+register("report", "one self-contained HTML page: summary, class gallery, worst-explained images, errors, "
+         "comparison", report_arguments, report)
 register("demo", "the embedded default: audit scikit-learn's digits with the bundled model", demo_arguments, demo)
 
 

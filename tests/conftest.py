@@ -86,3 +86,50 @@ def digits_folder(tmp_path_factory):
         folder.mkdir(exist_ok=True)
         Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     return root
+
+
+DEMO_RUN_IMAGES = 200  # the first 200 digits of the demo model's test split, about 20 per class
+DEMO_RUN_BAD = {"0/empty.png": b"", "1/text.png": b"this is not an image"}
+
+
+def build_demo_runs(root):
+    """Two audits of the same digits with the bundled demo model, each reduced (tables only).
+
+    ``root/images``: the first ``DEMO_RUN_IMAGES`` digits the demo model was not trained on (so
+    some are misclassified) as PNG files in class folders, plus the ``DEMO_RUN_BAD`` files (an
+    empty file and a text file named .png, which become error rows);
+    ``root/run``: composite epsilon-gamma-box (the default); ``root/run-plus-flat``:
+    epsilon-plus-flat. Needs a running Ray. Returns {"images", "run", "other"} as paths.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from lrpscale.analyze import AnalysisConfig
+    from lrpscale.demo_data import digits_arrays, digits_split
+    from lrpscale.pipeline import RunConfig, run_audit
+    from lrpscale.reduce import reduce_run
+
+    root = Path(root)
+    images, labels = digits_arrays()
+    folder = root / "images"
+    for index in digits_split()[1][:DEMO_RUN_IMAGES]:
+        (folder / str(labels[index])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[index], "L").save(folder / str(labels[index]) / f"{index:04d}.png")
+    for name, content in DEMO_RUN_BAD.items():
+        (folder / name).write_bytes(content)
+    runs = {"images": folder}
+    for key, name, composite in (("run", "run", "epsilon-gamma-box"), ("other", "run-plus-flat", "epsilon-plus-flat")):
+        output = root / name
+        run_audit(RunConfig(input=str(folder), output=str(output), weights="demo", batch_size=32, shard_size=64,
+                            analysis=AnalysisConfig(composite=composite)), progress=False)
+        reduce_run(output, pictures=False)
+        runs[key] = output
+    return runs
+
+
+@pytest.fixture(scope="session")
+def demo_runs(ray_session, tmp_path_factory):
+    """The runs of ``build_demo_runs``, once per test session: {"images", "run", "other"} paths.
+    Tests must not change them (copy a run to alter it)."""
+    return build_demo_runs(tmp_path_factory.mktemp("demo-runs"))
