@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, subcommand in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=subcommand.help, description=subcommand.help)
         subcommand.arguments(sub)
-        sub.set_defaults(run=subcommand.run)
+        sub.set_defaults(handler=subcommand.run)  # not `run`: a subcommand may take an argument named run
     return parser
 
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     try:
-        return args.run(args)
+        return args.handler(args)
     except (CommandError, WeightsError) as error:
         print(f"lrpscale {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -521,8 +521,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def report_arguments(parser: argparse.ArgumentParser) -> None:
-    # not "run": the registry keeps each subcommand's function in args.run
-    parser.add_argument("run_dir", metavar="RUN", help="a run directory")
+    parser.add_argument("run", metavar="RUN", help="a run directory")
     parser.add_argument("--compare", default=None, metavar="OTHER",
                         help="an earlier run to compare with (run A; this run is B)")
     parser.add_argument("--output", type=Path, default=None, help="folder for report.html (default: the run directory)")
@@ -538,14 +537,14 @@ def report(args: argparse.Namespace) -> int:
     """One self-contained HTML page on a run (and its comparison with another)."""
     from .report import write_report
 
-    for run in (args.run_dir, args.compare):
+    for run in (args.run, args.compare):
         if run is not None and not (Path(run) / "run.json").is_file():
             raise CommandError(f"{run} is not an lrpscale run (no run.json)")
     if (args.gallery is not None and args.gallery < 1) or (args.rows is not None and args.rows < 1):
         raise CommandError("--gallery and --rows must be positive")
     options = {name: getattr(args, name) for name in ("gallery", "classes", "rows") if getattr(args, name) is not None}
     try:
-        path = write_report(args.run_dir, args.compare, args.output, **options)
+        path = write_report(args.run, args.compare, args.output, **options)
     except ValueError as error:
         raise CommandError(str(error)) from None
     print(f"report: {path}")

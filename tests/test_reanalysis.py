@@ -161,3 +161,9 @@ def test_compare_command(history, tmp_path, capsys):
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["run_a"] == a.name and summary["run_b"] == b.name
     assert cli.main(["compare", str(tmp_path), str(b)]) == 2
+
+
+def test_reduce_command(history, capsys):
+    run = history["first"].run
+    assert cli.main(["reduce", str(run), "--no-pictures"]) == 0
+    assert f"classes: {run / 'classes'}" in capsys.readouterr().out
