@@ -3,8 +3,12 @@
 Per class, both by true label and by prediction: the summary heatmap (mean of the per-image
 heatmaps, each divided by its sum of |H|), how often each neuron is selected and its mean
 relevance, how often each critical-path edge appears and its mean weight, the MSE/SMAPE curves
-against k and the chosen-k counts. Tables are read a record batch at a time and folded into
-per-class accumulators, so memory depends on the number of classes and neurons, not images.
+against k and the chosen-k counts. Tables are read in chunks of about a million rows (string
+columns dictionary-encoded) and folded with Arrow's hash aggregation into per-class partial
+sums that are merged as they come, so memory depends on the number of classes and neurons, not
+images. Edges are counted among each class's most frequent neurons only (``edge_nodes``): every
+distinct edge of a class would grow with its images. 1.28M synthetic ImageNet images:
+benchmarks/imagenet_scale.py.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -38,19 +43,33 @@ def committed_files(run: Path, table: str) -> list[str]:
     return sorted(str(p) for p in folder.glob("part-*.parquet") if p.stem in committed) if folder.is_dir() else []
 
 
-def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096):
-    """Record batches of a run table, committed shards only."""
+def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096, dictionaries: tuple[str, ...] = ()):
+    """Record batches of a run table, committed shards only; ``dictionaries``: string columns to
+    read dictionary-encoded (grouping and joining on them is then several times faster)."""
     files = committed_files(run, table)
     if not files:
         return
-    yield from ds.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
+    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionaries)))
+    yield from ds.dataset(files, format=fmt).to_batches(columns=columns, batch_size=batch_size)
 
 
-def _class_keys(batch: pa.RecordBatch) -> dict[str, list]:
-    """Per row, its class under each grouping: the label string, and the prediction as a string."""
-    labels = batch.column("label").to_pylist()
-    preds = [str(p) for p in batch.column("pred").to_pylist()]
-    return {"label": labels, "pred": preds}
+def _chunks(run: Path, table: str, columns: list[str], rows: int):
+    """A run table as Arrow tables of about ``rows`` rows, string columns dictionary-encoded with
+    one dictionary per chunk: few large chunks keep the per-chunk cost of grouping and joining
+    small, and memory stays bounded by ``rows``, not by the run."""
+    strings = tuple(c for c in columns if c in _STRING_COLUMNS)
+    pending, count = [], 0
+    for batch in _batches(run, table, columns, min(rows, 1 << 16), strings):
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(pending).unify_dictionaries()
+            pending, count = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending).unify_dictionaries()
+
+
+_STRING_COLUMNS = {"label", "layer", "layer_from", "layer_to", "variant"}
 
 
 @dataclass
@@ -62,47 +81,34 @@ class ClassSummary:
     heatmap_sum: np.ndarray | None = None
 
 
-def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 0.1, pictures: bool = True) -> Path:
+def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 0.1, pictures: bool = True,
+               edge_nodes: int = 16, picture_classes: int | None = 64) -> Path:
     """Write ``RUN/classes/``: summary heatmaps, node/edge/k-curve tables, GraphML and PNGs.
 
     top_nodes: neurons per layer kept in a class graph (the most frequently selected);
     min_edge_frequency: edges between kept neurons that appear in at least this fraction of
-    the class's images. Returns the classes directory.
+    the class's images. edge_nodes: ``edges.parquet`` keeps the edges among each class's
+    ``edge_nodes`` most frequent neurons per layer (and from them to the output), so class graphs
+    of up to that many neurons per layer are exact; counting every distinct edge would grow with
+    the number of images. picture_classes: pictures cover at most this many classes per grouping
+    (the first in sorted order; None for all): a picture costs far more than a class's tables.
+    Memory depends on the number of classes and neurons, not images. Returns the classes directory.
     """
     run = Path(run)
     out = run / CLASSES
     out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[tuple[str, str], ClassSummary] = defaultdict(ClassSummary)
-    pred_names: dict[str, str] = {}
-    side = None
-    for batch in _batches(run, "images", ["label", "label_index", "pred", "pred_label", "heatmap"]):
-        keys = _class_keys(batch)
-        heat_type = batch.schema.field("heatmap").type
-        side = heat_type.shape
-        maps = batch.column("heatmap").to_numpy_ndarray().astype(np.float32)
-        sums = np.abs(maps).reshape(len(maps), -1).sum(1)
-        normalized = maps / np.where(sums > 0, sums, 1).reshape(-1, 1, 1)
-        correct = [li is not None and li == p for li, p in zip(batch.column("label_index").to_pylist(),
-                                                            batch.column("pred").to_pylist())]
-        for p, name in zip(batch.column("pred").to_pylist(), batch.column("pred_label").to_pylist()):
-            pred_names[str(p)] = name
-        for by in BY:
-            for row, cls in enumerate(keys[by]):
-                if cls is None:
-                    continue
-                summary = summaries[(by, cls)]
-                summary.images += 1
-                summary.correct += bool(correct[row])
-                summary.heatmap_sum = normalized[row] if summary.heatmap_sum is None else (
-                    summary.heatmap_sum + normalized[row])
+    summaries, pred_names, side = _summarize_images(run)
     if not summaries:
         raise ValueError(f"{run} has no analysed images: nothing to reduce")
+    images_of = pd.DataFrame([(by, cls, s.images) for (by, cls), s in summaries.items()],
+                             columns=["by", "class", "class_images"])
 
     node_stats = _fold(run, "neurons", ["label", "pred", "layer", "neuron", "relevance", "activation"],
                        ("layer", "neuron"), ("relevance", "activation"))
-    edge_stats = _fold(run, "edges", ["label", "pred", "layer_from", "neuron_from", "layer_to", "neuron_to",
-                                      "relevance"], ("layer_from", "neuron_from", "layer_to", "neuron_to"),
-                       ("relevance",))
+    nodes = _frame(node_stats, ("layer", "neuron"), images_of)
+    edge_keys = ("layer_from", "neuron_from", "layer_to", "neuron_to")
+    edge_stats = _fold(run, "edges", ["label", "pred", *edge_keys, "relevance"], edge_keys, ("relevance",),
+                       keep=_strongest(nodes, edge_nodes))
     curve_stats = _fold(run, "scores", ["label", "pred", "layer", "k", "variant", "mse", "smape", "chosen"],
                         ("layer", "k", "variant"), ("mse", "smape", "chosen"))
 
@@ -114,12 +120,11 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
         "class_name": [display(by, cls) for by, cls in summaries],
         "images": [s.images for s in summaries.values()],
         "accuracy": [s.correct / s.images for s in summaries.values()],
-        "heatmap": tensor_column([s.heatmap_sum / s.images for s in summaries.values()], side, pa.float32()),
+        "heatmap": tensor_column([(s.heatmap_sum / s.images).astype(np.float32) for s in summaries.values()],
+                                 side, pa.float32()),
     })
     pq.write_table(heatmaps, out / "summary_heatmaps.parquet")
-    images_of = {key: s.images for key, s in summaries.items()}
-    nodes = _frame(node_stats, ("layer", "neuron"), images_of)
-    edges = _frame(edge_stats, ("layer_from", "neuron_from", "layer_to", "neuron_to"), images_of)
+    edges = _frame(edge_stats, edge_keys, images_of)
     curves = _frame(curve_stats, ("layer", "k", "variant"), images_of)
     curves = curves.rename(columns={"mean_chosen": "chosen_fraction"})
     nodes.to_parquet(out / "nodes.parquet", index=False)
@@ -127,19 +132,70 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     curves.to_parquet(out / "k_curves.parquet", index=False)
     (out / "graphml").mkdir(exist_ok=True)
     graphs = {}
+    # one split of the tables instead of a scan of all of them per class
+    empty_nodes, empty_edges = nodes.iloc[:0], edges.iloc[:0]
+    nodes_of = dict(iter(nodes.groupby(["by", "class"], sort=False)))
+    edges_of = dict(iter(edges.groupby(["by", "class"], sort=False)))
     for by, cls in summaries:
-        graph = class_graph(nodes, edges, by, cls, top_nodes, min_edge_frequency)
+        graph = class_graph(nodes_of.get((by, cls), empty_nodes), edges_of.get((by, cls), empty_edges), by, cls,
+                            top_nodes, min_edge_frequency)
         graphs[(by, cls)] = graph
         nx.write_graphml(_graphml_ready(graph), out / "graphml" / f"{by}-{file_safe(cls)}.graphml")
+    shown = {by: sorted((c for b, c in summaries if b == by), key=lambda c: (len(c), c))[:picture_classes]
+             for by in BY}
     (out / "summary.json").write_text(json.dumps({
         "classes": {by: sorted({c for b, c in summaries if b == by}) for by in BY},
         "images": int(sum(s.images for (b, _), s in summaries.items() if b == "pred")),
-        "top_nodes": top_nodes, "min_edge_frequency": min_edge_frequency}, indent=2))
+        "top_nodes": top_nodes, "min_edge_frequency": min_edge_frequency, "edge_nodes": edge_nodes,
+        "picture_classes": shown}, indent=2))
     if pictures:
         from . import viz
 
-        viz.class_pictures(out, heatmaps, graphs, curves, _layer_labels(run))
+        pictured = {(by, cls) for by, names in shown.items() for cls in names}
+        frame = heatmaps.to_pandas()
+        frame = frame[[(b, c) in pictured for b, c in zip(frame["by"], frame["class"])]]
+        pictured_curves = curves.merge(pd.DataFrame(sorted(pictured), columns=["by", "class"]), on=["by", "class"])
+        viz.class_pictures(out, frame, {key: graphs[key] for key in graphs if key in pictured}, pictured_curves,
+                           _layer_labels(run))
     return out
+
+
+def _summarize_images(run: Path) -> tuple[dict[tuple[str, str], ClassSummary], dict[str, str], list[int] | None]:
+    """Per (grouping, class): image count, correct count and the sum of normalised heatmaps; the
+    display name of each prediction; the heatmap shape. Sums are taken per chunk, with torch."""
+    summaries: dict[tuple[str, str], ClassSummary] = defaultdict(ClassSummary)
+    pred_names: dict[str, str] = {}
+    side = None
+    for chunk in _chunks(run, "images", ["label", "label_index", "pred", "pred_label", "heatmap"], 4096):
+        side = chunk.schema.field("heatmap").type.shape
+        # torch converts float16 and sums far faster than numpy on a CPU; per chunk in float32 (at
+        # most 4096 terms), across chunks in float64
+        maps = torch.tensor(chunk.column("heatmap").combine_chunks().to_numpy_ndarray()).reshape(
+            chunk.num_rows, -1).float()
+        maps /= maps.abs().sum(1, keepdim=True).clamp(min=1e-30)
+        correct = pc.fill_null(pc.equal(chunk.column("label_index"), chunk.column("pred")), False)
+        correct = torch.from_numpy(correct.to_numpy(zero_copy_only=False).astype(np.int64))
+        names = pa.table({"pred": chunk.column("pred"), "name": chunk.column("pred_label")}).group_by(
+            ["pred", "name"]).aggregate([])
+        pred_names.update(zip(map(str, names.column("pred").to_pylist()), names.column("name").to_pylist()))
+        for by in BY:
+            present = chunk.filter(pc.is_valid(chunk.column(by)))
+            valid = chunk.column(by).is_valid().to_numpy(zero_copy_only=False)
+            rows = slice(None) if valid.all() else torch.from_numpy(np.flatnonzero(valid))
+            classes = present.column(by).combine_chunks().dictionary_encode()
+            codes = torch.from_numpy(classes.indices.to_numpy().astype(np.int64))
+            count = len(classes.dictionary)
+            heat = torch.zeros(count, maps.shape[1]).index_add_(0, codes, maps[rows]).double()
+            images = torch.bincount(codes, minlength=count).tolist()
+            hits = torch.zeros(count, dtype=torch.int64).index_add_(0, codes, correct[rows]).tolist()
+            for cls, total, seen, good in zip(classes.dictionary.to_pylist(), heat.numpy(), images, hits):
+                if not seen:  # a dictionary may name values that the rows kept here do not hold
+                    continue
+                summary = summaries[(by, str(cls))]
+                summary.images += seen
+                summary.correct += good
+                summary.heatmap_sum = total.copy() if summary.heatmap_sum is None else summary.heatmap_sum + total
+    return summaries, pred_names, side
 
 
 def _layer_labels(run: Path) -> dict[str, str]:
@@ -150,28 +206,77 @@ def _layer_labels(run: Path) -> dict[str, str]:
     return {name: alias for alias, name in layer_aliases(model).items()}
 
 
-def _fold(run: Path, table: str, columns: list[str], keys: tuple[str, ...], values: tuple[str, ...]) -> pd.DataFrame:
-    """Stream a flat table into per-(grouping, class, key) counts, sums and image counts."""
-    partials = []
-    for batch in _batches(run, table, columns):
-        frame = batch.to_pandas()
-        frame["pred"] = frame["pred"].astype(str)
+def _fold(run: Path, table: str, columns: list[str], keys: tuple[str, ...], values: tuple[str, ...],
+          keep: dict[str, pa.Table] | None = None, rows: int = 1 << 20) -> pd.DataFrame:
+    """Stream a flat table into per-(grouping, class, key) counts, sums and image counts.
+
+    Arrow's hash aggregation on chunks of ``rows`` rows; partial results are merged as they come,
+    so they stay bounded by the distinct keys. keep: per grouping, (class, layer, neuron) rows:
+    only edges whose lower neuron is one of them, and whose upper neuron is too (or is the
+    output), are counted.
+    """
+    group_keys = ["by", "class", *keys]
+    partials: list[pa.Table] = []
+    for chunk in _chunks(run, table, columns, rows):
+        if "chosen" in values:
+            chunk = chunk.set_column(chunk.schema.get_field_index("chosen"), "chosen",
+                                     chunk.column("chosen").cast(pa.int64()))
         for by in BY:
-            part = frame.dropna(subset=[by]).assign(by=by).rename(columns={by: "class"})
-            agg = {f"sum_{v}": (v, "sum") for v in values}
-            partials.append(part.groupby(["by", "class", *keys], observed=True).agg(count=(keys[0], "size"), **agg))
-        # combine as we go: the partial frames stay bounded by the distinct keys, not by images
+            part = chunk.filter(pc.is_valid(chunk.column(by)))
+            if keep is not None:
+                part = _kept_edges(part, by, keep[by])
+            part = part.group_by([by, *keys]).aggregate([([], "count_all"), *[(v, "sum") for v in values]])
+            names = {by: "class", "count_all": "count", **{f"{v}_sum": f"sum_{v}" for v in values}}
+            part = part.rename_columns([names.get(n, n) for n in part.column_names])
+            part = pa.table({name: part.column(name).cast(pa.string()) if name == "class" or pa.types.is_dictionary(
+                part.schema.field(name).type) else part.column(name) for name in part.column_names})
+            part = part.append_column("by", pa.array([by] * part.num_rows, pa.string()))
+            partials.append(part.select([*group_keys, "count", *[f"sum_{v}" for v in values]]))
         if len(partials) > 16:
-            partials = [pd.concat(partials).groupby(level=list(range(2 + len(keys)))).sum()]
+            partials = [_merge(partials, group_keys, values)]
     if not partials:
-        return pd.DataFrame(columns=["by", "class", *keys, "count", *[f"sum_{v}" for v in values]])
-    return pd.concat(partials).groupby(level=list(range(2 + len(keys)))).sum().reset_index()
+        return pd.DataFrame(columns=[*group_keys, "count", *[f"sum_{v}" for v in values]])
+    return _merge(partials, group_keys, values).to_pandas().sort_values(group_keys, ignore_index=True)
 
 
-def _frame(stats: pd.DataFrame, keys: tuple[str, ...], images_of: dict) -> pd.DataFrame:
+def _merge(partials: list[pa.Table], group_keys: list[str], values: tuple[str, ...]) -> pa.Table:
+    """Partial aggregates (count, sum_v per key) -> one table of the same columns."""
+    totals = ["count", *[f"sum_{v}" for v in values]]
+    merged = pa.concat_tables(partials).group_by(group_keys).aggregate([(c, "sum") for c in totals])
+    merged = merged.rename_columns([n[:-4] if n[:-4] in totals else n for n in merged.column_names])
+    return merged.select([*group_keys, *totals])
+
+
+def _strongest(nodes: pd.DataFrame, per_layer: int) -> dict[str, pa.Table]:
+    """Per grouping, the (class, layer, neuron) of each class's ``per_layer`` most frequent
+    neurons per layer, in ``class_graph``'s order; the class column typed as the grouping's."""
+    ranked = nodes.sort_values(["by", "class", "layer", "frequency", "mean_relevance"],
+                               ascending=[True, True, True, False, False])
+    top = ranked.groupby(["by", "class", "layer"], sort=False).head(per_layer)
+    out = {}
+    for by in BY:
+        mine = top[top["by"] == by]
+        classes = pa.array(mine["class"].to_numpy(dtype=object), pa.string())
+        out[by] = pa.table({"class": classes if by == "label" else classes.cast(pa.int32()),
+                            "layer": pa.array(mine["layer"].to_numpy(dtype=object), pa.string()),
+                            "neuron": pa.array(mine["neuron"].to_numpy(), pa.int32())})
+    return out
+
+
+def _kept_edges(part: pa.Table, by: str, kept: pa.Table) -> pa.Table:
+    """Edge rows whose endpoints are both kept neurons of the row's class (or whose upper end is the output)."""
+    lower = part.join(kept, keys=[by, "layer_from", "neuron_from"], right_keys=["class", "layer", "neuron"],
+                      join_type="left semi")
+    to_output = pc.equal(lower.column("layer_to"), OUTPUT)
+    inner = lower.filter(pc.invert(to_output)).join(kept, keys=[by, "layer_to", "neuron_to"],
+                                                   right_keys=["class", "layer", "neuron"], join_type="left semi")
+    return pa.concat_tables([inner, lower.filter(to_output)])
+
+
+def _frame(stats: pd.DataFrame, keys: tuple[str, ...], images_of: pd.DataFrame) -> pd.DataFrame:
     """Counts and sums -> frequency (per image of the class) and means."""
-    frame = stats.copy()
-    frame["class_images"] = [images_of.get((b, c), 0) for b, c in zip(frame["by"], frame["class"])]
+    frame = stats.merge(images_of, on=["by", "class"], how="left")
+    frame["class_images"] = frame["class_images"].fillna(0).astype(np.int64)
     frame["frequency"] = frame["count"] / frame["class_images"].where(frame["class_images"] > 0, 1)
     for column in [c for c in frame.columns if c.startswith("sum_")]:
         frame[f"mean_{column[4:]}"] = frame[column] / frame["count"]
