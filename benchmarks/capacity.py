@@ -18,7 +18,6 @@ Stages and what is measured (median of --repeats, on one CPU core where it says 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import statistics

@@ -74,7 +74,7 @@ def test_generated_run_has_real_shapes_and_counts(run_dir):
     assert run.info["status"] == "complete" and len(list((run_dir / "_commits").glob("*.json"))) == 10
 
 
-def test_reducer_on_synthetic_run_matches_pandas(run_dir, tmp_path):
+def test_reducer_on_synthetic_run_matches_pandas(run_dir):
     reduce_run(run_dir, pictures=False)
     run = open_run(run_dir)
     images, neurons = run.images, run.neurons
