@@ -50,7 +50,10 @@ def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096, 
     if not files:
         return
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionaries)))
-    yield from ds.dataset(files, format=fmt).to_batches(columns=columns, batch_size=batch_size)
+    # little read-ahead: a run has thousands of small files, and Arrow's default (4 files, 16
+    # batches ahead) holds far more of them in memory than the fold needs
+    yield from ds.dataset(files, format=fmt).to_batches(columns=columns, batch_size=batch_size,
+                                                        fragment_readahead=2, batch_readahead=2)
 
 
 def _chunks(run: Path, table: str, columns: list[str], rows: int):
@@ -103,9 +106,12 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     images_of = pd.DataFrame([(by, cls, s.images) for (by, cls), s in summaries.items()],
                              columns=["by", "class", "class_images"])
 
-    node_stats = _fold(run, "neurons", ["label", "pred", "layer", "neuron", "relevance", "activation"],
-                       ("layer", "neuron"), ("relevance", "activation"))
-    nodes = _frame(node_stats, ("layer", "neuron"), images_of)
+    counts = NeuronCounts()
+    for chunk in _chunks(run, "neurons", ["label", "pred", "layer", "neuron", "relevance", "activation"], 1 << 20):
+        counts.add(chunk)
+    counts.write(out / "nodes.parquet", images_of)
+    # every table below needs at most each class's strongest neurons: a frame of bounded size
+    nodes = counts.strongest(max(edge_nodes, top_nodes), images_of)
     edge_keys = ("layer_from", "neuron_from", "layer_to", "neuron_to")
     edge_stats = _fold(run, "edges", ["label", "pred", *edge_keys, "relevance"], edge_keys, ("relevance",),
                        keep=_strongest(nodes, edge_nodes))
@@ -127,7 +133,6 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     edges = _frame(edge_stats, edge_keys, images_of)
     curves = _frame(curve_stats, ("layer", "k", "variant"), images_of)
     curves = curves.rename(columns={"mean_chosen": "chosen_fraction"})
-    nodes.to_parquet(out / "nodes.parquet", index=False)
     edges.to_parquet(out / "edges.parquet", index=False)
     curves.to_parquet(out / "k_curves.parquet", index=False)
     (out / "graphml").mkdir(exist_ok=True)
@@ -198,6 +203,96 @@ def _summarize_images(run: Path) -> tuple[dict[tuple[str, str], ClassSummary], d
     return summaries, pred_names, side
 
 
+class NeuronCounts:
+    """The neurons table folded into dense per-class arrays: for each grouping and layer,
+    (classes, neurons) arrays of selection counts and relevance/activation sums.
+
+    Their size is fixed by the number of classes and the layers' widths (VGG16 at 1,000 classes:
+    about 0.4 GB), never by the number of images; a sparse table of every (class, neuron) pair
+    seen grows with the images until it reaches that size, and costs several times more per pair.
+    """
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, int]] = {by: {} for by in BY}  # class -> row, per grouping
+        self.arrays: dict[tuple[str, str], list[np.ndarray]] = {}  # (by, layer) -> [count, relevance, activation]
+
+    def add(self, chunk: pa.Table) -> None:
+        neuron = chunk.column("neuron").to_numpy()
+        values = [chunk.column(name).to_numpy().astype(np.float64) for name in ("relevance", "activation")]
+        layers = chunk.column("layer").combine_chunks().cast(pa.string()).dictionary_encode()
+        for by in BY:
+            classes = chunk.column(by).combine_chunks().cast(pa.string()).dictionary_encode()
+            index = self.rows[by]
+            lookup = np.array([index.setdefault(c, len(index)) if c is not None else -1
+                               for c in classes.dictionary.to_pylist()] + [-1])
+            row = lookup[classes.indices.fill_null(len(classes.dictionary)).to_numpy()]
+            for code, layer in enumerate(layers.dictionary.to_pylist()):
+                mine = (layers.indices.to_numpy() == code) & (row >= 0)
+                if mine.any():
+                    self._add(by, layer, row[mine], neuron[mine], [v[mine] for v in values])
+
+    def _add(self, by: str, layer: str, row: np.ndarray, neuron: np.ndarray, values: list[np.ndarray]) -> None:
+        arrays = self._sized(by, layer, len(self.rows[by]), int(neuron.max()) + 1)
+        width = arrays[0].shape[1]
+        flat = row.astype(np.int64) * width + neuron
+        size = arrays[0].size
+        arrays[0] += np.bincount(flat, minlength=size).reshape(arrays[0].shape).astype(np.int32)
+        for total, value in zip(arrays[1:], values):
+            total += np.bincount(flat, weights=value, minlength=size).reshape(total.shape)
+
+    def _sized(self, by: str, layer: str, classes: int, width: int) -> list[np.ndarray]:
+        """The arrays of (by, layer), grown (doubling the classes) to hold ``classes`` x ``width``."""
+        arrays = self.arrays.get((by, layer))
+        if arrays is None or arrays[0].shape[0] < classes or arrays[0].shape[1] < width:
+            old = arrays[0].shape if arrays else (0, 0)
+            shape = (max(classes, 2 * old[0], 16), max(width, old[1]))
+            grown = [np.zeros(shape, np.int32), np.zeros(shape), np.zeros(shape)]
+            for new, have in zip(grown, arrays or ()):
+                new[:have.shape[0], :have.shape[1]] = have
+            self.arrays[(by, layer)] = arrays = grown
+        return arrays
+
+    def _frame(self, by: str, layer: str, rows: np.ndarray, neurons: np.ndarray, images_of: pd.DataFrame):
+        count, relevance, activation = (a[rows, neurons] for a in self.arrays[(by, layer)])
+        names = np.array(list(self.rows[by]), dtype=object)
+        frame = pd.DataFrame({"by": by, "class": names[rows], "layer": layer, "neuron": neurons.astype(np.int32),
+                              "count": count.astype(np.int64)})
+        frame = frame.merge(images_of, on=["by", "class"], how="left")
+        frame["frequency"] = frame["count"] / frame["class_images"].clip(lower=1)
+        frame["mean_relevance"] = relevance / count
+        frame["mean_activation"] = activation / count
+        return frame
+
+    def write(self, path: Path, images_of: pd.DataFrame) -> None:
+        """``nodes.parquet``: one row per (grouping, class, layer, neuron) selected at least once,
+        written one (grouping, layer) at a time."""
+        writer = None
+        try:
+            for (by, layer), arrays in sorted(self.arrays.items()):
+                rows, neurons = np.nonzero(arrays[0])
+                table = pa.Table.from_pandas(self._frame(by, layer, rows, neurons, images_of), preserve_index=False)
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer:
+                writer.close()
+
+    def strongest(self, per_layer: int, images_of: pd.DataFrame) -> pd.DataFrame:
+        """The nodes rows of each class's ``per_layer`` most frequently selected neurons per layer
+        (ties: higher mean relevance, then lower neuron), as ``class_graph`` ranks them."""
+        parts = []
+        for (by, layer), (count, relevance, _) in sorted(self.arrays.items()):
+            rows, neurons = np.nonzero(count)
+            selected = count[rows, neurons]
+            order = np.lexsort((neurons, -relevance[rows, neurons] / selected, -selected, rows))
+            rows, neurons = rows[order], neurons[order]
+            rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its class
+            parts.append(self._frame(by, layer, rows[rank < per_layer], neurons[rank < per_layer], images_of))
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["by", "class", "layer", "neuron", "count", "class_images", "frequency", "mean_relevance",
+                     "mean_activation"])
+
+
 def _layer_labels(run: Path) -> dict[str, str]:
     """features.28 -> conv5_3 for the run's architecture (read from run.json), for pictures."""
     info = json.loads((run / "run.json").read_text())
@@ -250,8 +345,8 @@ def _merge(partials: list[pa.Table], group_keys: list[str], values: tuple[str, .
 def _strongest(nodes: pd.DataFrame, per_layer: int) -> dict[str, pa.Table]:
     """Per grouping, the (class, layer, neuron) of each class's ``per_layer`` most frequent
     neurons per layer, in ``class_graph``'s order; the class column typed as the grouping's."""
-    ranked = nodes.sort_values(["by", "class", "layer", "frequency", "mean_relevance"],
-                               ascending=[True, True, True, False, False])
+    ranked = nodes.sort_values(["by", "class", "layer", "frequency", "mean_relevance", "neuron"],
+                               ascending=[True, True, True, False, False, True])
     top = ranked.groupby(["by", "class", "layer"], sort=False).head(per_layer)
     out = {}
     for by in BY:
@@ -289,8 +384,8 @@ def class_graph(nodes: pd.DataFrame, edges: pd.DataFrame, by: str, cls: str, top
     selected neurons, and the edges between them seen in at least ``min_edge_frequency`` of the
     class's images. Node attributes: frequency, mean relevance; edge: frequency, mean relevance."""
     mine = nodes[(nodes["by"] == by) & (nodes["class"] == cls)]
-    kept = mine.sort_values(["layer", "frequency", "mean_relevance"], ascending=[True, False, False]).groupby(
-        "layer").head(top_nodes)
+    kept = mine.sort_values(["layer", "frequency", "mean_relevance", "neuron"],
+                            ascending=[True, False, False, True]).groupby("layer").head(top_nodes)
     node_records = [{"layer": r.layer, "neuron": int(r.neuron), "frequency": float(r.frequency),
                      "relevance": float(r.mean_relevance), "activation": float(r.mean_activation)}
                     for r in kept.itertuples()]

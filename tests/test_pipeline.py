@@ -171,16 +171,32 @@ def test_actor_failure_inside_a_batch_becomes_an_error_row(tiny_weights, digits_
     assert "label" in result[2]["error_message"]
 
 
-def _child_run(output: Path, source: Path, weights: Path, address: str, delay: float = 0.0) -> subprocess.Popen:
-    code = (
-        "import ray, time, sys\n"
-        f"ray.init(address={address!r}, log_to_driver=False)\n"
-        "from lrpscale.pipeline import RunConfig, run_audit\n"
-        f"run_audit(RunConfig(input={str(source)!r}, output={str(output)!r}, model='vgg11', weights={str(weights)!r},"
-        " image_size=32, shard_size=8, batch_size=4))\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+@pytest.fixture
+def child_run():
+    """Start a driver in a child process (its own process group) running the audit; every child
+    still running at the end of the test is killed, so a failing test leaves no driver behind."""
+    children = []
+
+    def start(output: Path, source: Path, weights: Path, address: str) -> subprocess.Popen:
+        code = (
+            "import ray\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            "from lrpscale.pipeline import RunConfig, run_audit\n"
+            f"run_audit(RunConfig(input={str(source)!r}, output={str(output)!r}, model='vgg11', "
+            f"weights={str(weights)!r}, image_size=32, shard_size=8, batch_size=4))\n"
+        )
+        # the session's Ray listens on loopback only (pipeline.ensure_ray): a driver joining it
+        # must take 127.0.0.1 as its own address too
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        children.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
 def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -194,10 +210,10 @@ def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen, time
     pytest.fail("no progress")
 
 
-def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, tiny_weights, tmp_path):
+def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, tiny_weights, tmp_path, child_run):
     address = ray_session.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
-    child = _child_run(run_dir, digits_folder, tiny_weights, address)
+    child = child_run(run_dir, digits_folder, tiny_weights, address)
     _wait_for_commits(run_dir, 3, child)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
@@ -209,24 +225,30 @@ def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, 
     assert_exactly_once(run_dir, set(data.list_inputs(digits_folder).column("image_id").to_pylist()))
 
 
-def _processes_named(fragment: str) -> list[int]:
-    """Pids whose command line (Ray sets it to ray::<actor class>) contains ``fragment``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
+def _session_processes(ray_module, fragment: str) -> list[int]:
+    """Pids of this Ray session's processes whose command line (Ray sets it to ray::<actor class>)
+    contains ``fragment``: descendants of the processes that name the session directory."""
+    import psutil
+
+    session = ray_module._private.worker._global_node.get_session_dir_path()
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(session in part for part in p.info["cmdline"] or ())]
+    found = set()
+    for process in (p for root in roots for p in [root, *root.children(recursive=True)]):
         try:
-            if entry.name.isdigit() and fragment in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
+            if fragment in " ".join(process.cmdline()):
+                found.add(process.pid)
+        except psutil.Error:
             continue
-    return pids
+    return sorted(found)
 
 
-def test_actor_killed_mid_run_still_gives_every_image_once(ray_session, digits_folder, tiny_weights, tmp_path):
+def test_actor_killed_mid_run_still_gives_every_image_once(ray_session, digits_folder, tiny_weights, tmp_path,
+                                                          child_run):
     address = ray_session.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
-    child = _child_run(run_dir, digits_folder, tiny_weights, address)
+    child = child_run(run_dir, digits_folder, tiny_weights, address)
     _wait_for_commits(run_dir, 2, child)
-    actors = _processes_named("AnalyzerActor")
+    actors = _session_processes(ray_session, "AnalyzerActor")
     assert actors, "no analyser actor found"
     os.kill(actors[0], signal.SIGKILL)
     assert child.wait(timeout=300) == 0
