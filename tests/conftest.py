@@ -75,16 +75,10 @@ def tiny_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
     """120 of scikit-learn's digits as PNG files in class folders."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from digits import write_digits
 
     root = tmp_path_factory.mktemp("digits")
-    digits = load_digits()
-    for i in range(120):
-        folder = root / str(digits.target[i])
-        folder.mkdir(exist_ok=True)
-        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    write_digits(root, range(120))
     return root
 
 

@@ -14,13 +14,11 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from cluster import LoopbackCluster
+from digits import write_digits
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -34,15 +32,6 @@ def head():
     # one node: the job's driver, its decode tasks and its analyser actor share 6 logical CPUs
     with LoopbackCluster(head_cpus=6, dashboard=True) as cluster:
         yield cluster
-
-
-def _digits(folder: Path, indices) -> set[str]:
-    digits = load_digits()
-    for i in indices:
-        (folder / str(digits.target[i])).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(
-            folder / str(digits.target[i]) / f"{i:04d}.png")
-    return {f"{digits.target[i]}/{i:04d}.png" for i in indices}
 
 
 def submit(cluster: LoopbackCluster, *entrypoint: str) -> str:
@@ -78,7 +67,7 @@ def _plain(text: str) -> str:
 
 
 def test_audit_then_reduce_jobs(head, tmp_path):
-    ids = _digits(tmp_path / "images", range(48))
+    ids = write_digits(tmp_path / "images", range(48))
     run = tmp_path / "run"
     logs = submit(head, "jobs/audit.py", "--config", "jobs/configs/audit.yaml", "--input", str(tmp_path / "images"),
                   "--output", str(run), "--weights", "demo", "--set", "image_size=32", "--set", "shard_size=16",
@@ -100,12 +89,12 @@ def test_audit_then_reduce_jobs(head, tmp_path):
 
 def test_reanalyze_job_adds_only_new_images(head, tmp_path):
     images, root = tmp_path / "images", tmp_path / "runs"
-    first = _digits(images, range(32))
+    first = write_digits(images, range(32))
     arguments = ["jobs/reanalyze.py", "--config", "jobs/configs/reanalyze.yaml", "--input", str(images),
                  "--output-root", str(root), "--weights", "demo", "--set", "image_size=32", "--set", "shard_size=16",
                  "--set", "pictures=false", "--set", "report=false"]
     assert "new-run" in submit(head, *arguments)
-    added = _digits(images, range(32, 48))
+    added = write_digits(images, range(32, 48))
     logs = submit(head, *arguments)
     assert "new-images" in logs and f"({len(added)} inputs analysed now" in logs
     (run,) = [p for p in root.iterdir() if (p / "run.json").is_file()]

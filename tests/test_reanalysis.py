@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
 
+from digits import write_digits
 from lrpscale import cli
 from lrpscale.models import load_model
 from lrpscale.pipeline import COMMITS, RunConfig
@@ -25,26 +24,17 @@ pytestmark = pytest.mark.slow
 TOP_NODES, MIN_EDGE_FREQUENCY = 8, 0.1
 
 
-def _write_digits(folder, indices):
-    digits = load_digits()
-    for i in indices:
-        (folder / str(digits.target[i])).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(
-            folder / str(digits.target[i]) / f"{i:04d}.png")
-    return {f"{digits.target[i]}/{i:04d}.png" for i in indices}
-
-
 @pytest.fixture(scope="module")
 def history(ray_session, tmp_path_factory):
     """Four re-analyses of one output root: first run, new images, nothing new, a changed model."""
     base = tmp_path_factory.mktemp("reanalysis")
     images, root = base / "images", base / "runs"
-    first_ids = _write_digits(images, range(0, 96))
+    first_ids = write_digits(images, range(0, 96))
     config = RunConfig(input=str(images), output=str(root), weights="demo", image_size=32, shard_size=32,
                        batch_size=32)
     first = reanalyze(config, root, progress=False, pictures=False)
     markers = {p.name: p.read_bytes() for p in (first.run / COMMITS).glob("*.json")}
-    added_ids = _write_digits(images, range(96, 136))
+    added_ids = write_digits(images, range(96, 136))
     second = reanalyze(config, root, progress=False, pictures=False)
     third = reanalyze(config, root, progress=False, pictures=False)
 
