@@ -189,7 +189,7 @@ def _compare_classes(run_a: Run, run_b: Run, top_nodes: int, min_edge_frequency:
     scores = {key: _chosen_scores(run).groupby("label").agg(k=("k", "mean"), smape=("smape", "mean"))
               for key, run in (("a", run_a), ("b", run_b))}
     rows = []
-    for cls in sorted(set(heat_a) | set(heat_b), key=_class_order):
+    for cls in sorted(set(heat_a) | set(heat_b), key=class_order):
         row = {"class": cls}
         for key, heat in (("a", heat_a), ("b", heat_b)):
             images, accuracy, _ = heat.get(cls, (0, np.nan, None))
@@ -233,7 +233,8 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def _class_order(name: str):
+def class_order(name: str):
+    """Sort key of class names: numbers by value first ("2" before "10"), then other names."""
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 

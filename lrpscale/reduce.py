@@ -161,7 +161,7 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
         frame = frame[[(b, c) in pictured for b, c in zip(frame["by"], frame["class"])]]
         pictured_curves = curves.merge(pd.DataFrame(sorted(pictured), columns=["by", "class"]), on=["by", "class"])
         viz.class_pictures(out, frame, {key: graphs[key] for key in graphs if key in pictured}, pictured_curves,
-                           _layer_labels(run))
+                           run_layer_labels(run))
     return out
 
 
@@ -293,7 +293,7 @@ class NeuronCounts:
                      "mean_activation"])
 
 
-def _layer_labels(run: Path) -> dict[str, str]:
+def run_layer_labels(run: Path) -> dict[str, str]:
     """features.28 -> conv5_3 for the run's architecture (read from run.json), for pictures."""
     info = json.loads((run / "run.json").read_text())
     with torch.device("meta"):  # only the layer structure is needed, not weights

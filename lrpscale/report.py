@@ -26,10 +26,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import __version__
-from .compare import _class_order, compare_runs
-from .reduce import CLASSES, _layer_labels, reduce_run
+from .compare import class_order, compare_runs
+from .reduce import CLASSES, run_layer_labels, reduce_run
 from .results import Run
-from .viz import _layer_key
+from .viz import layer_order
 
 REPORT = "report.html"
 GALLERY_CLASSES = 20  # classes pictured in the gallery unless told otherwise
@@ -65,7 +65,7 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
     """The report as one HTML string; arguments as in ``write_report``."""
     if not (run.path / CLASSES / "summary_heatmaps.parquet").is_file():
         reduce_run(run.path, pictures=False)
-    labels = _layer_labels(run.path)
+    labels = run_layer_labels(run.path)
     sections = [("summary", "Run summary", _summary_section(run, rows)),
                 ("classes", "Class gallery", _gallery_section(run, labels, gallery, classes)),
                 ("worst", "Worst-explained images", _worst_section(run, labels, rows)),
@@ -117,7 +117,7 @@ def _summary_section(run: Run, rows: int) -> str:
     per_class = pd.DataFrame({"class": known["label"], "correct": correct}).groupby("class")["correct"].agg(
         images="size", accuracy="mean").reset_index()
     order = sorted(range(len(per_class)), key=lambda i: (per_class["accuracy"].iat[i],
-                                                          _class_order(per_class["class"].iat[i])))
+                                                          class_order(per_class["class"].iat[i])))
     per_class = per_class.iloc[order]
     note = (f"{len(per_class)} classes, lowest accuracy first" if len(per_class) <= rows else
             f"the {rows} of {len(per_class)} classes with the lowest accuracy; accuracy per class: "
@@ -133,7 +133,7 @@ def _gallery_section(run: Run, labels: dict[str, str], count: int, chosen: Seque
     nodes = run.class_nodes[run.class_nodes["by"] == "label"]
     curves = run.k_curves[run.k_curves["by"] == "label"]
     score_target = run.info.get("config", {}).get("analysis", {}).get("score_target")
-    swept = sorted(curves["layer"].unique(), key=_layer_key)
+    swept = sorted(curves["layer"].unique(), key=layer_order)
     overview, cards = [], []
     for cls in shown:
         row = heatmaps.loc[cls]
@@ -175,7 +175,7 @@ def gallery_classes(heatmaps: pd.DataFrame, count: int, chosen: Sequence[str] | 
     (ValueError naming any the run lacks); else all when there are at most ``count``, else the
     ``count`` with the lowest accuracy.
     """
-    classes = sorted(heatmaps.index, key=_class_order)
+    classes = sorted(heatmaps.index, key=class_order)
     if chosen:
         missing = [c for c in chosen if c not in heatmaps.index]
         if missing:
@@ -184,7 +184,7 @@ def gallery_classes(heatmaps: pd.DataFrame, count: int, chosen: Sequence[str] | 
         return list(chosen), f"The {len(chosen)} classes asked for, of {len(classes)}."
     if len(classes) <= count:
         return classes, f"All {len(classes)} classes (by true label)."
-    worst = sorted(classes, key=lambda c: (heatmaps.loc[c, "accuracy"], _class_order(c)))[:count]
+    worst = sorted(classes, key=lambda c: (heatmaps.loc[c, "accuracy"], class_order(c)))[:count]
     return worst, (f"The {count} of {len(classes)} classes with the lowest accuracy, lowest first (pick others "
                    "with --classes, or more with --gallery).")
 

@@ -282,7 +282,7 @@ def score_curves_figure(ks: Sequence[int], scores: Mapping[str, tuple], chosen_k
     return fig
 
 
-def _layer_key(layer: str) -> tuple:
+def layer_order(layer: str) -> tuple:
     """Sort key of a layer name: features.N, then classifier.N, then anything else, output last."""
     if layer == OUTPUT:
         return (3, 0, layer)
@@ -298,8 +298,8 @@ def graph_layers(graph: nx.DiGraph) -> list[str]:
     layers.add_nodes_from(layer for layer, _ in graph.nodes)
     layers.add_edges_from((a[0], b[0]) for a, b in graph.edges if a[0] != b[0])
     if nx.is_directed_acyclic_graph(layers):
-        return list(nx.lexicographical_topological_sort(layers, key=_layer_key))
-    return sorted(layers.nodes, key=_layer_key)
+        return list(nx.lexicographical_topological_sort(layers, key=layer_order))
+    return sorted(layers.nodes, key=layer_order)
 
 
 def _scaled(value: float, scale: float, smallest: float, largest: float) -> float:
@@ -413,7 +413,7 @@ def draw_deconvolutions(fig: Figure | SubFigure, deconv: Mapping[str, tuple],
     deconv: {layer: (neurons (J,), pictures (J, 3, d, d))} for one image. Returns the axes drawn.
     """
     layer_labels = dict(layer_labels or {})
-    layers = sorted(deconv, key=_layer_key)
+    layers = sorted(deconv, key=layer_order)
     rows = max([min(max_per_layer, len(as_array(deconv[l][0]))) for l in layers] or [0])
     if rows == 0:
         ax = fig.add_subplot()
