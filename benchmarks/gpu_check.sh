@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks for lrpscale, for a machine with one NVIDIA GPU and no network. From the repo root:
 #     bash benchmarks/gpu_check.sh
-# Steps: environment, install (no deps; zennit from a local wheel dir if one exists), CUDA vs CPU
-# agreement of the heatmaps, lrp_throughput.py on cuda, the Analyzer on cuda, the k sweep on cuda.
+# Steps: environment, install (no deps; zennit from a local wheel dir if one exists), the CUDA
+# tests, CUDA vs CPU agreement of the heatmaps, lrp_throughput.py on cuda, the Analyzer on cuda, the k sweep on cuda.
 # Each step has a timeout and the whole run a budget (BUDGET_S, default 460 s); a failed step
 # does not stop the next. Writes gpu_check.log, summary.txt and JSON to $OUT (or a temp dir):
 # at most 8 files, so one log holds every step's output.
@@ -85,6 +85,11 @@ if ! $PY -c 'import zennit' >/dev/null 2>&1; then
     fi
 fi
 
+# --- the CUDA tests (they need no Ray: the actor class is used alone) -------------------------------
+if [ "$DEVICE" = cuda ]; then
+    step "tests/test_cuda.py" 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+fi
+
 # --- CUDA vs CPU agreement -------------------------------------------------------------------------
 export AGREEMENT_JSON="$OUT_DIR/agreement.json" DEVICE SIZE
 step "$DEVICE vs cpu agreement" 120 $PY - <<'EOF'
@@ -93,7 +98,12 @@ import torch
 sys.path.insert(0, "benchmarks")
 import lrpscale
 from lrpscale.analyze import Analyzer
-from lrp_throughput import heatmap_difference, random_images, zennit, zennit_composite, zennit_heatmap
+from lrp_throughput import (heatmap_difference, normalized, random_images, zennit, zennit_composite,
+                             zennit_heatmap)
+
+def relative_l2(ours, theirs):
+    a, b = normalized(ours.cpu()), normalized(theirs.cpu())
+    return float((a - b).norm() / b.norm())
 
 device, size = os.environ["DEVICE"], int(os.environ["SIZE"])
 torch.set_num_threads(os.cpu_count() or 1)
@@ -111,9 +121,11 @@ def compare(tf32: bool):
         ours_gpu = lrpscale.Explainer(gpu_model, composite).explain(x.to(device), keep_layers=False)
         key = f"{composite} tf32={tf32}"
         report[key] = {"same_targets": bool(torch.equal(ours_cpu.target, ours_gpu.target.cpu())),
-                       "heatmap_difference": heatmap_difference(ours_gpu.relevance, ours_cpu.relevance)}
-        print(f"{key}: same targets {report[key]['same_targets']}, max relative difference of normalised "
-              f"heatmaps {device} vs cpu {report[key]['heatmap_difference']:.2e}")
+                       "heatmap_difference": heatmap_difference(ours_gpu.relevance, ours_cpu.relevance),
+                       "relative_l2": relative_l2(ours_gpu.relevance, ours_cpu.relevance)}
+        print(f"{key}: same targets {report[key]['same_targets']}, normalised heatmaps {device} vs cpu: "
+              f"max difference / largest value {report[key]['heatmap_difference']:.2e}, "
+              f"relative L2 {report[key]['relative_l2']:.2e}")
 
 compare(tf32=False)
 if default_tf32 and device == "cuda":
@@ -138,9 +150,13 @@ same_neurons = all(on_cpu.selected[l].neurons(i) == on_gpu.selected[l].neurons(i
                    for l in on_cpu.selected for i in range(len(two)))
 report[f"analyzer {device} vs cpu"] = {"same_chosen_k": same_k, "same_selected_neurons": same_neurons}
 print(f"Analyzer {device} vs cpu (2 images): same chosen k {same_k}, same selected neurons {same_neurons}")
-fp32 = [v["heatmap_difference"] for k, v in report.items() if k.endswith("tf32=False")]
-verdict = "PASS" if max(fp32) < 1e-4 and same_k else "FAIL"
-print(f"{verdict}: {device} vs cpu, fp32 (tf32 off): worst {max(fp32):.2e} (want < 1e-4)")
+# the criterion of tests/test_cuda.py: summation order differs between devices, and over 16
+# layers that moves pixels where contributions cancel; a wrong rule moves the heatmap by O(1)
+fp32 = [v for k, v in report.items() if k.endswith("tf32=False")]
+worst_l2, worst_max = max(v["relative_l2"] for v in fp32), max(v["heatmap_difference"] for v in fp32)
+verdict = "PASS" if worst_l2 < 5e-3 and worst_max < 2e-2 and same_k else "FAIL"
+print(f"{verdict}: {device} vs cpu, fp32 (tf32 off): worst relative L2 {worst_l2:.2e} (want < 5e-3), "
+      f"worst max difference {worst_max:.2e} (want < 2e-2), same chosen k {same_k}")
 with open(os.environ["AGREEMENT_JSON"], "w") as handle:
     json.dump(report, handle, indent=2)
 EOF
@@ -158,7 +174,7 @@ step "k sweep $DEVICE" 90 $PY benchmarks/selection_throughput.py --device "$DEVI
     echo "gpu_check summary ($(date -Is), $(($(date +%s) - START))s of ${BUDGET_S}s budget)"
     printf '  %s\n' "${RESULTS[@]}"
     echo "key lines:"
-    grep -E '^ *(PASS|FAIL)|^(epsilon|cuda|cpu|Analyzer)|^(method|lrpscale|zennit|forward|plain) |^\(|^  (heatmap|analysis|lrpscale|zennit-crp) |^    (forward|full|sweep|critical|deconv|other|records)|same top-k|^    (end to end|zennit-crp cond|conditional)' \
+    grep -E '^ *(PASS|FAIL)|^[0-9]+ (passed|failed)|^FAILED|^(epsilon|cuda|cpu|Analyzer)|^(method|lrpscale|zennit|forward|plain) |^\(|^  (heatmap|analysis|lrpscale|zennit-crp) |^    (forward|full|sweep|critical|deconv|other|records)|same top-k|^    (end to end|zennit-crp cond|conditional)' \
         "$LOG" | sed 's/^/  /'
 } | tee "$SUMMARY"
 exit 0

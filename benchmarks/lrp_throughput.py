@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 import lrpscale
+from lrpscale.analyze import use_tf32
 from lrpscale.models import input_normalization
 
 try:
@@ -70,6 +71,7 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         env["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        env["NVIDIA_TF32_OVERRIDE"] = os.environ.get("NVIDIA_TF32_OVERRIDE")
     return env
 
 
@@ -242,6 +244,8 @@ def frozen_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """(device, seeded random model on it without parameter gradients) from --threads/--device/--model/--seed."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":  # before CUDA starts: cuDNN reads NVIDIA_TF32_OVERRIDE when it loads
+        use_tf32(args.tf32 == "on")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
     device = torch.device(args.device)
@@ -259,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method first (default 1)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tf32", choices=["off", "on"], default="off",
+                        help="CUDA only: TF32 convolutions and matmuls (default off: FP32, as the Analyzer runs)")
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")

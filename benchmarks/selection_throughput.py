@@ -279,6 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tf32", choices=["off", "on"], default="off",
+                        help="CUDA only: TF32 convolutions and matmuls (default off: FP32, as the Analyzer runs)")
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)

@@ -175,9 +175,12 @@ class AnalyzerActor:
 
 
 def _node_id() -> str | None:
-    """The Ray node this process runs on; None outside Ray (the actor class used alone)."""
-    import ray
-
+    """The Ray node this process runs on; None outside Ray (the actor class used alone, also
+    where Ray is not installed, as on a bare GPU machine)."""
+    try:
+        import ray
+    except ImportError:
+        return None
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 

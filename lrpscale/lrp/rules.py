@@ -162,6 +162,20 @@ class AffineRule(Rule):
         out = F.conv_transpose2d(flat, weight, None, mod.stride, mod.padding, padding_out, mod.groups, mod.dilation)
         return out.view(n, m, *in_shape)
 
+    def signed_outputs(self, ctx: dict) -> tuple[Tensor, Tensor | None]:
+        """(z_pos, z_neg): the outputs of the positive and negative parts, (N, *out) each.
+
+        z_pos = W_pos x+ + W_neg x- + b_pos and z_neg the other way round, with the rule's own
+        ``w_pos``/``w_neg``. Stacked into the forward when the input is non-negative; for a
+        signed input computed here once per forward and shared by later backward passes.
+        z_neg is None when the rule stacked only the positive part.
+        """
+        if "z_mod" not in ctx:
+            xp, xn = _split_sign(ctx["x"])
+            ctx["z_mod"] = (self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg),
+                            self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos))
+        return ctx["z_mod"][0], (ctx["z_mod"][1] if len(ctx["z_mod"]) > 1 else None)
+
     def forward(self, x):
         if self.stacked is None:
             z = self.affine(x, self.weight, self.bias)
@@ -202,27 +216,28 @@ class Gamma(AffineRule):
         w, b = _parameters(module)
         pos = (w + gamma * w.clamp(min=0), b + gamma * b.clamp(min=0))
         neg = (w + gamma * w.clamp(max=0), b + gamma * b.clamp(max=0))
-        super().__init__(module, nonneg_input, [pos] if relu_after else [pos, neg])
+        self.fast = nonneg_input and relu_after
+        # on the fast path the stabiliser rides in the stacked bias: the forward convolution
+        # returns z_pos + eps directly, which saves a pass over the layer's output
+        stacked = [(pos[0], pos[1] + stabilizer)] if self.fast else [pos, neg]
+        super().__init__(module, nonneg_input, stacked)
         self.relu_after = relu_after
         self.stabilizer = stabilizer
         (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
 
-    def _denominators(self, ctx: dict) -> tuple[Tensor, Tensor | None]:
-        if "z_mod" not in ctx:  # signed input: computed once per forward, shared by later backwards
-            xp, xn = _split_sign(ctx["x"])
-            ctx["z_mod"] = (self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg),
-                            self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos))
-        return ctx["z_mod"][0], (ctx["z_mod"][1] if len(ctx["z_mod"]) > 1 else None)
-
     def backward(self, relevance, ctx):
         x, z = ctx["x"], ctx["z"]
-        z_pos, z_neg = self._denominators(ctx)
         in_shape = x.shape[1:]
-        if self.nonneg_input and self.relu_after:
+        if self.fast:
             # relevance is non-zero only where z > 0, and there z_pos >= z > 0: the stabiliser
-            # is +eps; clamping keeps the (unused) other entries away from 0/0
-            scaled = relevance / z_pos.clamp(min=0).add_(self.stabilizer).unsqueeze(1)
+            # is +eps, already added by the forward. Clamping (once per forward, in place) keeps
+            # the unused entries away from 0/0 and leaves the used ones (> eps) unchanged.
+            if not ctx.get("clamped"):
+                ctx["z_mod"][0].clamp_(min=self.stabilizer)
+                ctx["clamped"] = True
+            scaled = relevance / ctx["z_mod"][0].unsqueeze(1)
             return self.transpose(scaled, self.w_pos, in_shape).mul_(x.unsqueeze(1))
+        z_pos, z_neg = self.signed_outputs(ctx)
         s_pos = relevance * ((z > 0).to(z) / stabilize(z_pos, self.stabilizer)).unsqueeze(1)
         s_neg = relevance * ((z < 0).to(z) / stabilize(z_neg, self.stabilizer)).unsqueeze(1)
         if self.nonneg_input:
@@ -244,28 +259,23 @@ class AlphaBeta(AffineRule):
             raise ValueError(f"alpha-beta rule needs alpha, beta >= 0 and alpha - beta = 1, got {alpha}, {beta}")
         w, b = _parameters(module)
         pos, neg = (w.clamp(min=0), b.clamp(min=0)), (w.clamp(max=0), b.clamp(max=0))
-        super().__init__(module, nonneg_input, [pos, neg] if beta else [pos])
+        # with x >= 0, z_pos >= 0 and z_neg <= 0: their stabilisers are +eps and -eps (where
+        # z_neg == 0 every contribution is 0, so the sign of eps there does not matter). They
+        # ride in the stacked biases, so the forward returns the stabilised denominators.
+        stacked = [(pos[0], pos[1] + stabilizer), (neg[0], neg[1] - stabilizer)]
+        super().__init__(module, nonneg_input, stacked if beta else stacked[:1])
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
-
-    def _denominators(self, ctx):
-        if "z_mod" not in ctx:
-            xp, xn = _split_sign(ctx["x"])
-            ctx["z_mod"] = (self.affine(xp, self.w_pos, self.b_pos) + self.affine(xn, self.w_neg),
-                            self.affine(xp, self.w_neg, self.b_neg) + self.affine(xn, self.w_pos))
-        return ctx["z_mod"][0], (ctx["z_mod"][1] if len(ctx["z_mod"]) > 1 else None)
 
     def backward(self, relevance, ctx):
         x = ctx["x"]
         in_shape = x.shape[1:]
-        z_pos, z_neg = self._denominators(ctx)
+        z_pos, z_neg = self.signed_outputs(ctx)
         if self.nonneg_input:
-            # with x >= 0, z_pos >= 0 and z_neg <= 0: their stabilisers are +eps and -eps (where
-            # z_neg == 0 every contribution is 0, so the sign of eps there does not matter)
-            scaled = relevance / z_pos.add(self.stabilizer).unsqueeze(1)
+            scaled = relevance / z_pos.unsqueeze(1)
             spread = self.transpose(scaled, self.w_pos, in_shape).mul_(self.alpha)
             if self.beta:
-                scaled = relevance / z_neg.sub(self.stabilizer).unsqueeze(1)
+                scaled = relevance / z_neg.unsqueeze(1)
                 spread.sub_(self.transpose(scaled, self.w_neg, in_shape).mul_(self.beta))
             return spread.mul_(x.unsqueeze(1))
         s_pos = relevance / stabilize(z_pos, self.stabilizer).unsqueeze(1)
@@ -310,7 +320,10 @@ class ZBox(AffineRule):
         x, z = ctx["x"], ctx["z"]
         in_shape = x.shape[1:]
         low, high, offset = self._bound_images(in_shape)
-        scaled = relevance / stabilize(z - offset, self.stabilizer).unsqueeze(1)
+        shifted = z - offset
+        # stabilised in place: this is the largest tensor of the pass (64 channels at full size)
+        shifted.add_(torch.where(shifted >= 0, self.stabilizer, -self.stabilizer))
+        scaled = relevance / shifted.unsqueeze(1)
         c = in_shape[0]
         # the three transposes in one call: weights stacked along the input channels
         spread = self.transpose(scaled, self.w_box, (3 * c, *in_shape[1:]))
