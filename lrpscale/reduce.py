@@ -3,10 +3,11 @@
 Per class, both by true label and by prediction: the summary heatmap (mean of the per-image
 heatmaps, each divided by its sum of |H|), how often each neuron is selected and its mean
 relevance, how often each critical-path edge appears and its mean weight, the MSE/SMAPE curves
-against k and the chosen-k counts. Tables are read in chunks of about a million rows (string
-columns dictionary-encoded) and folded with Arrow's hash aggregation into per-class partial
-sums that are merged as they come, so memory depends on the number of classes and neurons, not
-images. Edges are counted among each class's most frequent neurons only (``edge_nodes``): every
+against k and the chosen-k counts. Tables are read one file at a time, in chunks of about a
+million rows (string columns dictionary-encoded). Neurons and edges fold into dense per-class
+arrays (``class_counts``), the k curves into Arrow hash aggregates merged as they come, so
+memory depends on the number of classes and neurons, not images. Edges are counted among each
+class's most frequent neurons only (``edge_nodes``), and to its most frequent targets: every
 distinct edge of a class would grow with its images. 1.28M synthetic ImageNet images:
 benchmarks/imagenet_scale.py.
 """
@@ -22,17 +23,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 import torch
 
+from .class_counts import BY, ClassIndex, EdgeCounts, NeuronCounts, TargetCounts
 from .models import build_vgg, layer_aliases
 from .paths import OUTPUT, path_graph
 from .schema import tensor_column
 from .viz import file_safe
 
-BY = ("label", "pred")
 CLASSES = "classes"
 
 
@@ -46,14 +46,11 @@ def committed_files(run: Path, table: str) -> list[str]:
 def _batches(run: Path, table: str, columns: list[str], batch_size: int = 4096, dictionaries: tuple[str, ...] = ()):
     """Record batches of a run table, committed shards only; ``dictionaries``: string columns to
     read dictionary-encoded (grouping and joining on them is then several times faster)."""
-    files = committed_files(run, table)
-    if not files:
-        return
-    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionaries)))
-    # little read-ahead: a run has thousands of small files, and Arrow's default (4 files, 16
-    # batches ahead) holds far more of them in memory than the fold needs
-    yield from ds.dataset(files, format=fmt).to_batches(columns=columns, batch_size=batch_size,
-                                                        fragment_readahead=2, batch_readahead=2)
+    # one file at a time, closed before the next: a dataset over a run's thousands of files keeps
+    # every file's metadata and read-ahead buffers alive, and its memory grows with the run
+    for path in committed_files(run, table):
+        with pq.ParquetFile(path, read_dictionary=list(dictionaries)) as parquet:
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def _chunks(run: Path, table: str, columns: list[str], rows: int):
@@ -91,7 +88,8 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     top_nodes: neurons per layer kept in a class graph (the most frequently selected);
     min_edge_frequency: edges between kept neurons that appear in at least this fraction of
     the class's images. edge_nodes: ``edges.parquet`` keeps the edges among each class's
-    ``edge_nodes`` most frequent neurons per layer (and from them to the output), so class graphs
+    ``edge_nodes`` most frequent neurons per layer (and from them to its ``edge_nodes`` most
+    frequent targets at the output), so class graphs
     of up to that many neurons per layer are exact; counting every distinct edge would grow with
     the number of images. picture_classes: pictures cover at most this many classes per grouping
     (the first in sorted order; None for all): a picture costs far more than a class's tables.
@@ -100,21 +98,26 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     run = Path(run)
     out = run / CLASSES
     out.mkdir(parents=True, exist_ok=True)
-    summaries, pred_names, side = _summarize_images(run)
+    index = ClassIndex()
+    targets = TargetCounts(index)
+    summaries, pred_names, side = _summarize_images(run, targets)
     if not summaries:
         raise ValueError(f"{run} has no analysed images: nothing to reduce")
     images_of = pd.DataFrame([(by, cls, s.images) for (by, cls), s in summaries.items()],
                              columns=["by", "class", "class_images"])
 
-    counts = NeuronCounts()
+    neurons = NeuronCounts(index)
     for chunk in _chunks(run, "neurons", ["label", "pred", "layer", "neuron", "relevance", "activation"], 1 << 20):
-        counts.add(chunk)
-    counts.write(out / "nodes.parquet", images_of)
+        neurons.add(chunk)
+    _write_nodes(neurons, out / "nodes.parquet", images_of)
     # every table below needs at most each class's strongest neurons: a frame of bounded size
-    nodes = counts.strongest(max(edge_nodes, top_nodes), images_of)
+    nodes = neurons.strongest(max(edge_nodes, top_nodes), images_of)
     edge_keys = ("layer_from", "neuron_from", "layer_to", "neuron_to")
-    edge_stats = _fold(run, "edges", ["label", "pred", *edge_keys, "relevance"], edge_keys, ("relevance",),
-                       keep=_strongest(nodes, edge_nodes))
+    edge_counts = EdgeCounts(index, neurons.top(edge_nodes), {by: targets.top(by, edge_nodes) for by in BY},
+                             {key: neurons.width(*key) for key in neurons.arrays})
+    for chunk in _chunks(run, "edges", ["label", "pred", *edge_keys, "relevance"], 1 << 20):
+        edge_counts.add(chunk)
+    edge_stats = edge_counts.stats().sort_values(["by", "class", *edge_keys], ignore_index=True)
     curve_stats = _fold(run, "scores", ["label", "pred", "layer", "k", "variant", "mse", "smape", "chosen"],
                         ("layer", "k", "variant"), ("mse", "smape", "chosen"))
 
@@ -165,14 +168,17 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     return out
 
 
-def _summarize_images(run: Path) -> tuple[dict[tuple[str, str], ClassSummary], dict[str, str], list[int] | None]:
+def _summarize_images(run: Path, targets: TargetCounts) -> tuple[dict[tuple[str, str], ClassSummary], dict[str, str],
+                                                                   list[int] | None]:
     """Per (grouping, class): image count, correct count and the sum of normalised heatmaps; the
-    display name of each prediction; the heatmap shape. Sums are taken per chunk, with torch."""
+    display name of each prediction; the heatmap shape. Sums are taken per chunk, with torch.
+    ``targets`` counts the explained outputs of each class."""
     summaries: dict[tuple[str, str], ClassSummary] = defaultdict(ClassSummary)
     pred_names: dict[str, str] = {}
     side = None
-    for chunk in _chunks(run, "images", ["label", "label_index", "pred", "pred_label", "heatmap"], 4096):
+    for chunk in _chunks(run, "images", ["label", "label_index", "pred", "pred_label", "target", "heatmap"], 4096):
         side = chunk.schema.field("heatmap").type.shape
+        targets.add(chunk)
         # torch converts float16 and sums far faster than numpy on a CPU; per chunk in float32 (at
         # most 4096 terms), across chunks in float64
         maps = torch.tensor(chunk.column("heatmap").combine_chunks().to_numpy_ndarray()).reshape(
@@ -203,94 +209,18 @@ def _summarize_images(run: Path) -> tuple[dict[tuple[str, str], ClassSummary], d
     return summaries, pred_names, side
 
 
-class NeuronCounts:
-    """The neurons table folded into dense per-class arrays: for each grouping and layer,
-    (classes, neurons) arrays of selection counts and relevance/activation sums.
-
-    Their size is fixed by the number of classes and the layers' widths (VGG16 at 1,000 classes:
-    about 0.4 GB), never by the number of images; a sparse table of every (class, neuron) pair
-    seen grows with the images until it reaches that size, and costs several times more per pair.
-    """
-
-    def __init__(self):
-        self.rows: dict[str, dict[str, int]] = {by: {} for by in BY}  # class -> row, per grouping
-        self.arrays: dict[tuple[str, str], list[np.ndarray]] = {}  # (by, layer) -> [count, relevance, activation]
-
-    def add(self, chunk: pa.Table) -> None:
-        neuron = chunk.column("neuron").to_numpy()
-        values = [chunk.column(name).to_numpy().astype(np.float64) for name in ("relevance", "activation")]
-        layers = chunk.column("layer").combine_chunks().cast(pa.string()).dictionary_encode()
-        for by in BY:
-            classes = chunk.column(by).combine_chunks().cast(pa.string()).dictionary_encode()
-            index = self.rows[by]
-            lookup = np.array([index.setdefault(c, len(index)) if c is not None else -1
-                               for c in classes.dictionary.to_pylist()] + [-1])
-            row = lookup[classes.indices.fill_null(len(classes.dictionary)).to_numpy()]
-            for code, layer in enumerate(layers.dictionary.to_pylist()):
-                mine = (layers.indices.to_numpy() == code) & (row >= 0)
-                if mine.any():
-                    self._add(by, layer, row[mine], neuron[mine], [v[mine] for v in values])
-
-    def _add(self, by: str, layer: str, row: np.ndarray, neuron: np.ndarray, values: list[np.ndarray]) -> None:
-        arrays = self._sized(by, layer, len(self.rows[by]), int(neuron.max()) + 1)
-        width = arrays[0].shape[1]
-        flat = row.astype(np.int64) * width + neuron
-        size = arrays[0].size
-        arrays[0] += np.bincount(flat, minlength=size).reshape(arrays[0].shape).astype(np.int32)
-        for total, value in zip(arrays[1:], values):
-            total += np.bincount(flat, weights=value, minlength=size).reshape(total.shape)
-
-    def _sized(self, by: str, layer: str, classes: int, width: int) -> list[np.ndarray]:
-        """The arrays of (by, layer), grown (doubling the classes) to hold ``classes`` x ``width``."""
-        arrays = self.arrays.get((by, layer))
-        if arrays is None or arrays[0].shape[0] < classes or arrays[0].shape[1] < width:
-            old = arrays[0].shape if arrays else (0, 0)
-            shape = (max(classes, 2 * old[0], 16), max(width, old[1]))
-            grown = [np.zeros(shape, np.int32), np.zeros(shape), np.zeros(shape)]
-            for new, have in zip(grown, arrays or ()):
-                new[:have.shape[0], :have.shape[1]] = have
-            self.arrays[(by, layer)] = arrays = grown
-        return arrays
-
-    def _frame(self, by: str, layer: str, rows: np.ndarray, neurons: np.ndarray, images_of: pd.DataFrame):
-        count, relevance, activation = (a[rows, neurons] for a in self.arrays[(by, layer)])
-        names = np.array(list(self.rows[by]), dtype=object)
-        frame = pd.DataFrame({"by": by, "class": names[rows], "layer": layer, "neuron": neurons.astype(np.int32),
-                              "count": count.astype(np.int64)})
-        frame = frame.merge(images_of, on=["by", "class"], how="left")
-        frame["frequency"] = frame["count"] / frame["class_images"].clip(lower=1)
-        frame["mean_relevance"] = relevance / count
-        frame["mean_activation"] = activation / count
-        return frame
-
-    def write(self, path: Path, images_of: pd.DataFrame) -> None:
-        """``nodes.parquet``: one row per (grouping, class, layer, neuron) selected at least once,
-        written one (grouping, layer) at a time."""
-        writer = None
-        try:
-            for (by, layer), arrays in sorted(self.arrays.items()):
-                rows, neurons = np.nonzero(arrays[0])
-                table = pa.Table.from_pandas(self._frame(by, layer, rows, neurons, images_of), preserve_index=False)
-                writer = writer or pq.ParquetWriter(path, table.schema)
-                writer.write_table(table.cast(writer.schema))
-        finally:
-            if writer:
-                writer.close()
-
-    def strongest(self, per_layer: int, images_of: pd.DataFrame) -> pd.DataFrame:
-        """The nodes rows of each class's ``per_layer`` most frequently selected neurons per layer
-        (ties: higher mean relevance, then lower neuron), as ``class_graph`` ranks them."""
-        parts = []
-        for (by, layer), (count, relevance, _) in sorted(self.arrays.items()):
-            rows, neurons = np.nonzero(count)
-            selected = count[rows, neurons]
-            order = np.lexsort((neurons, -relevance[rows, neurons] / selected, -selected, rows))
-            rows, neurons = rows[order], neurons[order]
-            rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its class
-            parts.append(self._frame(by, layer, rows[rank < per_layer], neurons[rank < per_layer], images_of))
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["by", "class", "layer", "neuron", "count", "class_images", "frequency", "mean_relevance",
-                     "mean_activation"])
+def _write_nodes(neurons: NeuronCounts, path: Path, images_of: pd.DataFrame) -> None:
+    """``nodes.parquet``: one row per (grouping, class, layer, neuron) selected at least once,
+    written one (grouping, layer) at a time."""
+    writer = None
+    try:
+        for by, layer, (rows, ids) in neurons.frames():
+            table = pa.Table.from_pandas(neurons.frame(by, layer, rows, ids, images_of), preserve_index=False)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+    finally:
+        if writer:
+            writer.close()
 
 
 def run_layer_labels(run: Path) -> dict[str, str]:
@@ -302,13 +232,12 @@ def run_layer_labels(run: Path) -> dict[str, str]:
 
 
 def _fold(run: Path, table: str, columns: list[str], keys: tuple[str, ...], values: tuple[str, ...],
-          keep: dict[str, pa.Table] | None = None, rows: int = 1 << 20) -> pd.DataFrame:
-    """Stream a flat table into per-(grouping, class, key) counts, sums and image counts.
+          rows: int = 1 << 20) -> pd.DataFrame:
+    """Stream a flat table into per-(grouping, class, key) counts and sums, for keys with few
+    distinct values (the k curves: layer, k, variant).
 
     Arrow's hash aggregation on chunks of ``rows`` rows; partial results are merged as they come,
-    so they stay bounded by the distinct keys. keep: per grouping, (class, layer, neuron) rows:
-    only edges whose lower neuron is one of them, and whose upper neuron is too (or is the
-    output), are counted.
+    so they stay bounded by the distinct keys.
     """
     group_keys = ["by", "class", *keys]
     partials: list[pa.Table] = []
@@ -318,8 +247,6 @@ def _fold(run: Path, table: str, columns: list[str], keys: tuple[str, ...], valu
                                      chunk.column("chosen").cast(pa.int64()))
         for by in BY:
             part = chunk.filter(pc.is_valid(chunk.column(by)))
-            if keep is not None:
-                part = _kept_edges(part, by, keep[by])
             part = part.group_by([by, *keys]).aggregate([([], "count_all"), *[(v, "sum") for v in values]])
             names = {by: "class", "count_all": "count", **{f"{v}_sum": f"sum_{v}" for v in values}}
             part = part.rename_columns([names.get(n, n) for n in part.column_names])
@@ -340,32 +267,6 @@ def _merge(partials: list[pa.Table], group_keys: list[str], values: tuple[str, .
     merged = pa.concat_tables(partials).group_by(group_keys).aggregate([(c, "sum") for c in totals])
     merged = merged.rename_columns([n[:-4] if n[:-4] in totals else n for n in merged.column_names])
     return merged.select([*group_keys, *totals])
-
-
-def _strongest(nodes: pd.DataFrame, per_layer: int) -> dict[str, pa.Table]:
-    """Per grouping, the (class, layer, neuron) of each class's ``per_layer`` most frequent
-    neurons per layer, in ``class_graph``'s order; the class column typed as the grouping's."""
-    ranked = nodes.sort_values(["by", "class", "layer", "frequency", "mean_relevance", "neuron"],
-                               ascending=[True, True, True, False, False, True])
-    top = ranked.groupby(["by", "class", "layer"], sort=False).head(per_layer)
-    out = {}
-    for by in BY:
-        mine = top[top["by"] == by]
-        classes = pa.array(mine["class"].to_numpy(dtype=object), pa.string())
-        out[by] = pa.table({"class": classes if by == "label" else classes.cast(pa.int32()),
-                            "layer": pa.array(mine["layer"].to_numpy(dtype=object), pa.string()),
-                            "neuron": pa.array(mine["neuron"].to_numpy(), pa.int32())})
-    return out
-
-
-def _kept_edges(part: pa.Table, by: str, kept: pa.Table) -> pa.Table:
-    """Edge rows whose endpoints are both kept neurons of the row's class (or whose upper end is the output)."""
-    lower = part.join(kept, keys=[by, "layer_from", "neuron_from"], right_keys=["class", "layer", "neuron"],
-                      join_type="left semi")
-    to_output = pc.equal(lower.column("layer_to"), OUTPUT)
-    inner = lower.filter(pc.invert(to_output)).join(kept, keys=[by, "layer_to", "neuron_to"],
-                                                   right_keys=["class", "layer", "neuron"], join_type="left semi")
-    return pa.concat_tables([inner, lower.filter(to_output)])
 
 
 def _frame(stats: pd.DataFrame, keys: tuple[str, ...], images_of: pd.DataFrame) -> pd.DataFrame:

@@ -104,6 +104,40 @@ def test_reducer_on_synthetic_run_matches_pandas(run_dir):
     assert different_class_graphs == CLASSES - 1  # class-dependent neurons: every class has its own graph
 
 
+def test_reducer_edges_equal_pandas_among_each_class_strongest(run_dir):
+    """edges.parquet against pandas over every edge row: counts and means of the edges whose
+    ends are among the class's ``edge_nodes`` most frequent neurons (ties: higher mean
+    relevance, then lower neuron) or its ``edge_nodes`` most frequent targets."""
+    per_class, keys = 3, ["layer_from", "neuron_from", "layer_to", "neuron_to"]
+    classes_dir = reduce_run(run_dir, pictures=False, edge_nodes=per_class)
+    mine = pd.read_parquet(classes_dir / "edges.parquet")
+    run = open_run(run_dir)
+    images, neurons, edges = run.images, run.neurons, run.edges
+    expected = []
+    for by in ("label", "pred"):
+        nodes = neurons.assign(cls=neurons[by].astype(str), relevance=neurons.relevance.astype(np.float64))
+        nodes = nodes.groupby(["cls", "layer", "neuron"]).agg(count=("relevance", "size"), total=("relevance", "sum"))
+        nodes = nodes.reset_index().assign(mean=lambda f: f.total / f["count"])
+        top = nodes.sort_values(["cls", "layer", "count", "mean", "neuron"], ascending=[True, True, False, False, True])
+        top = top.groupby(["cls", "layer"]).head(per_class)
+        targets = images.assign(cls=images[by].astype(str)).groupby(["cls", "target"]).size().rename("n").reset_index()
+        targets = targets.sort_values(["cls", "n", "target"], ascending=[True, False, True]).groupby("cls").head(per_class)
+        kept = set(zip(top.cls, top.layer, top.neuron)) | {(c, "output", t) for c, t in zip(targets.cls, targets.target)}
+        rows = edges.assign(cls=edges[by].astype(str), relevance=edges.relevance.astype(np.float64))
+        inside = [(c, lf, nf) in kept and (c, lt, nt) in kept for c, lf, nf, lt, nt in zip(
+            rows.cls, rows.layer_from, rows.neuron_from, rows.layer_to, rows.neuron_to)]
+        counted = rows[inside].groupby(["cls", *keys]).relevance.agg(["size", "mean"]).reset_index()
+        expected.append(counted.rename(columns={"cls": "class", "size": "count", "mean": "mean_relevance"}).assign(by=by))
+    expected = pd.concat(expected).sort_values(["by", "class", *keys], ignore_index=True)
+    mine = mine.sort_values(["by", "class", *keys], ignore_index=True)
+    assert len(mine) == len(expected) > 0
+    assert (images.groupby("label").pred.nunique() > per_class).any()  # the target limit is exercised
+    pd.testing.assert_frame_equal(mine[["by", "class", *keys, "count"]], expected[["by", "class", *keys, "count"]],
+                                  check_dtype=False)
+    assert np.allclose(mine.mean_relevance, expected.mean_relevance, rtol=1e-9)
+    assert np.allclose(mine.frequency, mine["count"] / mine.class_images)
+
+
 def test_queries_with_pushdown_equal_pandas(run_dir, queries):
     probe = queries._probe(run_dir)
     for name, query in queries.QUERIES.items():
