@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .paths import OUTPUT
 
@@ -81,11 +82,11 @@ class TargetCounts:
 
     def add(self, chunk: pa.Table) -> None:
         """chunk: label, pred and target columns of the images table."""
-        target = chunk.column("target").to_numpy(zero_copy_only=False)
+        target = pc.fill_null(chunk.column("target"), -1).to_numpy()
+        outputs = int(target.max(initial=-1)) + 1
         for by in BY:
             row = self.index.lookup(chunk.column(by), by, add=True)
-            mine = row >= 0
-            outputs = int(target.max()) + 1 if len(target) else 0
+            mine = (row >= 0) & (target >= 0)
             counts = self.counts.get(by, np.zeros((0, 0), np.int64))
             shape = (max(self.index.size(by), counts.shape[0]), max(outputs, counts.shape[1]))
             if counts.shape != shape:

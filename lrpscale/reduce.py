@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 import torch
 
+from . import schema
 from .class_counts import BY, ClassIndex, EdgeCounts, NeuronCounts, TargetCounts
 from .models import build_vgg, layer_aliases
 from .paths import OUTPUT, path_graph
@@ -34,6 +35,7 @@ from .schema import tensor_column
 from .viz import file_safe
 
 CLASSES = "classes"
+CHOSEN_SCORES = "chosen_scores.parquet"
 
 
 def committed_files(run: Path, table: str) -> list[str]:
@@ -118,6 +120,7 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     for chunk in _chunks(run, "edges", ["label", "pred", *edge_keys, "relevance"], 1 << 20):
         edge_counts.add(chunk)
     edge_stats = edge_counts.stats().sort_values(["by", "class", *edge_keys], ignore_index=True)
+    _write_chosen_scores(run, out / CHOSEN_SCORES)
     curve_stats = _fold(run, "scores", ["label", "pred", "layer", "k", "variant", "mse", "smape", "chosen"],
                         ("layer", "k", "variant"), ("mse", "smape", "chosen"))
 
@@ -221,6 +224,26 @@ def _write_nodes(neurons: NeuronCounts, path: Path, images_of: pd.DataFrame) -> 
     finally:
         if writer:
             writer.close()
+
+
+def _write_chosen_scores(run: Path, path: Path, rows_per_group: int = 1 << 17) -> None:
+    """``chosen_scores.parquet``: the scores rows at each image's chosen k (one per image, layer
+    and variant), in shard order. The whole run's explanation quality in one small file, where
+    the scores table spreads it over every shard: the 100 worst-explained of 1.28M images is one
+    read instead of 5,005 files opened."""
+    columns = ["image_id", "label", "pred", "layer", "variant", "k", "mse", "smape"]
+    target = pa.schema([schema.SCORES.field(name) for name in columns])
+    pending, count = [], 0
+    with pq.ParquetWriter(path, target) as writer:
+        for batch in _batches(run, "scores", [*columns, "chosen"]):
+            chosen = pa.Table.from_batches([batch]).filter(pc.fill_null(batch.column("chosen"), False))
+            pending.append(chosen.select(columns).cast(target))
+            count += chosen.num_rows
+            if count >= rows_per_group:
+                writer.write_table(pa.concat_tables(pending), row_group_size=count)
+                pending, count = [], 0
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=max(count, 1))
 
 
 def run_layer_labels(run: Path) -> dict[str, str]:

@@ -190,11 +190,9 @@ def gallery_classes(heatmaps: pd.DataFrame, count: int, chosen: Sequence[str] | 
 
 
 def _worst_section(run: Run, labels: dict[str, str], rows: int) -> str:
-    where = (ds.field("chosen") == True) & (ds.field("variant") == "fidelity")  # noqa: E712 (an Arrow expression)
-    scores = run.table("scores", ["image_id", "layer", "k", "mse", "smape"], where)
-    if scores.empty:
+    worst = run.worst_explained(rows)
+    if worst.empty:
         return "<p class=note>No scores in this run.</p>"
-    worst = scores.sort_values(["smape", "image_id"], ascending=[False, True]).drop_duplicates("image_id").head(rows)
     images = run.table("images", ["image_id", "uri", "label", "pred_label", "prob", "heatmap", "heatmap_scale"],
                        ds.field("image_id").isin(worst["image_id"].tolist())).set_index("image_id")
     side = int(run.info.get("config", {}).get("image_size") or INPUT_PIXELS)
@@ -216,8 +214,14 @@ def _worst_section(run: Run, labels: dict[str, str], rows: int) -> str:
                      f'<figcaption>{html.escape(caption)}'
                      f'<br><span class=uri>{html.escape(str(image["uri"]))}</span></figcaption></figure>')
     note = (f"The {len(worst)} images whose top-k* neurons reproduce their heatmap worst (highest fidelity SMAPE "
-            f"at the chosen k, of {scores['image_id'].nunique()} images): input, heatmap, overlay.")
+            f"at the chosen k, of {_analysed_images(run)} images): input, heatmap, overlay.")
     return f"<p class=note>{html.escape(note)}</p><div class=tiles>{''.join(cards)}</div>"
+
+
+def _analysed_images(run: Run) -> int:
+    """Images the run analysed, from the reducer's per-prediction class counts (every analysed image has one)."""
+    heatmaps = run.class_heatmaps
+    return int(heatmaps.loc[heatmaps["by"] == "pred", "images"].sum())
 
 
 def _errors_section(run: Run, rows: int) -> str:

@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 
 from . import schema
 from .paths import path_graph
-from .reduce import CLASSES, class_graph, committed_files
+from .reduce import CHOSEN_SCORES, CLASSES, class_graph, committed_files
 
 
 class Run:
@@ -105,6 +105,19 @@ class Run:
     @cached_property
     def k_curves(self) -> pd.DataFrame:
         return pd.read_parquet(self._classes_file("k_curves.parquet"))
+
+    @cached_property
+    def chosen_scores(self) -> pd.DataFrame:
+        """The scores at each image's chosen k, one row per image, layer and variant (reducer)."""
+        return pd.read_parquet(self._classes_file(CHOSEN_SCORES))
+
+    def worst_explained(self, count: int = 100, variant: str = "fidelity") -> pd.DataFrame:
+        """The ``count`` images whose selected neurons reproduce their heatmap worst: the highest
+        SMAPE at the chosen k, one row per image (its worst layer), from the reducer's one-file
+        table of chosen-k scores."""
+        rows = pd.read_parquet(self._classes_file(CHOSEN_SCORES), filters=[("variant", "==", variant)])
+        rows = rows.sort_values(["smape", "image_id"], ascending=[False, True], ignore_index=True)
+        return rows.drop_duplicates("image_id").head(count).reset_index(drop=True)
 
     def class_graph(self, cls: str, by: str = "label", top_nodes: int = 8, min_edge_frequency: float = 0.1) -> nx.DiGraph:
         """A class's aggregated critical path (from the reducer's tables)."""

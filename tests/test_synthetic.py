@@ -83,6 +83,11 @@ def test_reducer_on_synthetic_run_matches_pandas(run_dir):
     counts = neurons.groupby(["label", "layer", "neuron"]).size()
     for (label, layer, neuron), count in counts.items():
         assert nodes.loc[("label", label, layer, neuron), "frequency"] == pytest.approx(count / sizes[label])
+    # the one-file chosen-k table holds exactly the scores table's chosen rows
+    keys = ["image_id", "layer", "variant"]
+    chosen = run.scores[run.scores.chosen].drop(columns="chosen").sort_values(keys, ignore_index=True)
+    pd.testing.assert_frame_equal(run.chosen_scores.sort_values(keys, ignore_index=True), chosen[run.chosen_scores.columns])
+    assert len(chosen) == 2 * IMAGES  # one fidelity and one forward row per image
     preds = images.groupby("pred").size()
     assert run.class_heatmaps[run.class_heatmaps.by == "pred"].set_index("class").images.to_dict() == {
         str(p): n for p, n in preds.items()}
@@ -139,6 +144,7 @@ def test_reducer_edges_equal_pandas_among_each_class_strongest(run_dir):
 
 
 def test_queries_with_pushdown_equal_pandas(run_dir, queries):
+    reduce_run(run_dir, pictures=False)  # worst_explained_reduced reads the reducer's table
     probe = queries._probe(run_dir)
     for name, query in queries.QUERIES.items():
         fast, slow = query(run_dir, probe, True), query(run_dir, probe, False)
