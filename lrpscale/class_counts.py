@@ -53,6 +53,15 @@ def _bincount(flat: np.ndarray, shape: tuple[int, ...], weights: np.ndarray | No
     return np.bincount(flat, weights=weights, minlength=size).reshape(shape)
 
 
+def _padded(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """array, zero-padded to at least ``shape`` (the same array when it is large enough)."""
+    if array.shape[0] >= shape[0] and array.shape[1] >= shape[1]:
+        return array
+    grown = np.zeros((max(array.shape[0], shape[0]), max(array.shape[1], shape[1])), array.dtype)
+    grown[:array.shape[0], :array.shape[1]] = array
+    return grown
+
+
 def _layers(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     encoded = _encoded(column)
     return encoded.indices.to_numpy(), encoded.dictionary.to_pylist()
@@ -87,13 +96,9 @@ class TargetCounts:
         for by in BY:
             row = self.index.lookup(chunk.column(by), by, add=True)
             mine = (row >= 0) & (target >= 0)
-            counts = self.counts.get(by, np.zeros((0, 0), np.int64))
-            shape = (max(self.index.size(by), counts.shape[0]), max(outputs, counts.shape[1]))
-            if counts.shape != shape:
-                grown = np.zeros(shape, np.int64)
-                grown[:counts.shape[0], :counts.shape[1]] = counts
-                self.counts[by] = counts = grown
-            counts += _bincount(row[mine] * shape[1] + target[mine], shape)
+            counts = _padded(self.counts.get(by, np.zeros((0, 0), np.int64)), (self.index.size(by), outputs))
+            self.counts[by] = counts
+            counts += _bincount(row[mine] * counts.shape[1] + target[mine], counts.shape)
 
     def top(self, by: str, per_class: int) -> np.ndarray:
         """(classes, per_class) the most frequent targets of each class, -1 padded."""
@@ -130,14 +135,9 @@ class NeuronCounts:
 
     def _sized(self, by: str, layer: str, classes: int, width: int) -> list[np.ndarray]:
         """The arrays of (by, layer), grown to hold ``classes`` x ``width``."""
-        arrays = self.arrays.get((by, layer))
-        if arrays is None or arrays[0].shape[0] < classes or arrays[0].shape[1] < width:
-            old = arrays[0].shape if arrays else (0, 0)
-            shape = (max(classes, 2 * old[0], 16), max(width, old[1]))
-            grown = [np.zeros(shape, np.int32), np.zeros(shape), np.zeros(shape)]
-            for new, have in zip(grown, arrays or ()):
-                new[:have.shape[0], :have.shape[1]] = have
-            self.arrays[(by, layer)] = arrays = grown
+        empty = [np.zeros((0, 0), np.int32), np.zeros((0, 0)), np.zeros((0, 0))]
+        arrays = [_padded(a, (classes, width)) for a in self.arrays.get((by, layer), empty)]
+        self.arrays[(by, layer)] = arrays
         return arrays
 
     def width(self, by: str, layer: str) -> int:
