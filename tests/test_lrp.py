@@ -188,3 +188,22 @@ def test_explainer_does_not_modify_model():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("composite", list(lrpscale.COMPOSITES))
+def test_propagate_leaves_callers_relevance_and_kept_layers_intact(composite):
+    """Rules divide relevance in place only where propagate owns it: never the caller's tensor,
+    never a layer's relevance it returns as kept."""
+    torch.manual_seed(0)
+    model = build_vgg("vgg11", 10, width_divisor=16, hidden=32, pooled_size=1).eval()
+    explainer = lrpscale.Explainer(model, composite)
+    record = explainer.forward(torch.randn(3, 3, 32, 32))
+    convs = [name for name in explainer.layer_names if name.startswith("features.")]
+    start, kept_layer = convs[-2], convs[-4]
+    seed = torch.rand(3, 2, *record.activations[start].shape[1:])
+    before = seed.clone()
+    _, kept, _ = explainer.propagate(record, seed, start=start, keep=[kept_layer])
+    assert torch.equal(seed, before)
+    # the same relevance again, propagated down to the kept layer's output and no further
+    expected, _, _ = explainer.propagate(record, before.clone(), start=start, stop=kept_layer)
+    assert torch.equal(kept[kept_layer], expected)

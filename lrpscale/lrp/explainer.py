@@ -203,16 +203,21 @@ class Explainer:
         masks = {self.resolve(k): v for k, v in (masks or {}).items()}
         keep = {self.resolve(k) for k in keep}
         kept, totals = {}, {}
+        owned = False  # the caller's tensor, until a step returns a new one
         for i in range(first, last, -1):
             step = self.steps[i]
             if step.is_param:
                 if step.name in masks:
                     mask = masks[step.name].to(relevance)
                     relevance = relevance * mask.reshape(*mask.shape, *([1] * (relevance.ndim - 3)))
+                    owned = True
                 totals[step.name] = relevance.flatten(2).sum(2)
                 if step.name in keep:
                     kept[step.name] = relevance
-            relevance = step.rule.backward(relevance, record.ctx[i])
+                    owned = False
+            lower = step.rule.backward(relevance, record.ctx[i], owned)
+            owned = owned or lower is not relevance
+            relevance = lower
         totals["input" if stop is None else self.resolve(stop)] = relevance.flatten(2).sum(2)
         return relevance, kept, totals
 

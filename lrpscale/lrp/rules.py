@@ -33,13 +33,23 @@ def _conditions_first(relevance: Tensor) -> tuple[Tensor, int, int]:
 
 
 class Rule:
-    """Base class. ``forward(x) -> (y, ctx)``; ``backward(relevance (N,M,*out), ctx) -> (N,M,*in)``."""
+    """Base class. ``forward(x) -> (y, ctx)``; ``backward(relevance (N,M,*out), ctx) -> (N,M,*in)``.
+
+    ``owned=True`` tells ``backward`` that nothing else holds ``relevance``, so it may divide it
+    in place: one tensor of the layer's output size less to allocate (on a CPU, every fresh
+    large tensor costs a page fault per 4 KB).
+    """
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict]:
         raise NotImplementedError
 
-    def backward(self, relevance: Tensor, ctx: dict) -> Tensor:
+    def backward(self, relevance: Tensor, ctx: dict, owned: bool = False) -> Tensor:
         raise NotImplementedError
+
+
+def _divided(relevance: Tensor, denominator: Tensor, owned: bool) -> Tensor:
+    """relevance / denominator (broadcast over the condition axis), in place when owned."""
+    return relevance.div_(denominator) if owned else relevance / denominator
 
 
 class Pass(Rule):
@@ -52,7 +62,7 @@ class Pass(Rule):
         # never in place: the input of the previous layer's output is kept for its backward pass
         return (F.relu(x) if self.relu else x), {}
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         return relevance
 
 
@@ -62,7 +72,7 @@ class Flatten(Rule):
     def forward(self, x):
         return x.flatten(1), {"shape": x.shape[1:]}
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         return relevance.reshape(*relevance.shape[:2], *ctx["shape"])
 
 
@@ -77,7 +87,7 @@ class WinnerTakesAll(Rule):
         y, indices = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
         return y, {"indices": indices, "in_shape": x.shape}
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         flat, n, m = _conditions_first(relevance)
         c, h, w = ctx["in_shape"][1:]
         indices = ctx["indices"].unsqueeze(1).expand(n, m, *ctx["indices"].shape[1:]).reshape(n * m, c, -1)
@@ -98,7 +108,7 @@ class Norm(Rule):
         y = self.module(x)
         return y, {"x": x, "y": y}
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         x, y = ctx["x"], ctx["y"]
         if x.shape == y.shape:  # VGG's adaptive pool at the native size is the identity
             return x.unsqueeze(1) * relevance / stabilize(y, self.stabilizer).unsqueeze(1)
@@ -191,9 +201,9 @@ class Epsilon(AffineRule):
         super().__init__(module, nonneg_input)
         self.epsilon = epsilon
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         x, z = ctx["x"], ctx["z"]
-        scaled = relevance / stabilize(z, self.epsilon).unsqueeze(1)
+        scaled = _divided(relevance, stabilize(z, self.epsilon).unsqueeze(1), owned)
         return self.transpose(scaled, self.weight, x.shape[1:]).mul_(x.unsqueeze(1))
 
 
@@ -225,7 +235,7 @@ class Gamma(AffineRule):
         self.stabilizer = stabilizer
         (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         x, z = ctx["x"], ctx["z"]
         in_shape = x.shape[1:]
         if self.fast:
@@ -235,7 +245,7 @@ class Gamma(AffineRule):
             if not ctx.get("clamped"):
                 ctx["z_mod"][0].clamp_(min=self.stabilizer)
                 ctx["clamped"] = True
-            scaled = relevance / ctx["z_mod"][0].unsqueeze(1)
+            scaled = _divided(relevance, ctx["z_mod"][0].unsqueeze(1), owned)
             return self.transpose(scaled, self.w_pos, in_shape).mul_(x.unsqueeze(1))
         z_pos, z_neg = self.signed_outputs(ctx)
         s_pos = relevance * ((z > 0).to(z) / stabilize(z_pos, self.stabilizer)).unsqueeze(1)
@@ -267,7 +277,7 @@ class AlphaBeta(AffineRule):
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         (self.w_pos, self.b_pos), (self.w_neg, self.b_neg) = pos, neg
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         x = ctx["x"]
         in_shape = x.shape[1:]
         z_pos, z_neg = self.signed_outputs(ctx)
@@ -316,14 +326,14 @@ class ZBox(AffineRule):
             self._bounds[key] = (low, high, offset)
         return self._bounds[key]
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         x, z = ctx["x"], ctx["z"]
         in_shape = x.shape[1:]
         low, high, offset = self._bound_images(in_shape)
         shifted = z - offset
         # stabilised in place: this is the largest tensor of the pass (64 channels at full size)
         shifted.add_(torch.where(shifted >= 0, self.stabilizer, -self.stabilizer))
-        scaled = relevance / shifted.unsqueeze(1)
+        scaled = _divided(relevance, shifted.unsqueeze(1), owned)
         c = in_shape[0]
         # the three transposes in one call: weights stacked along the input channels
         spread = self.transpose(scaled, self.w_box, (3 * c, *in_shape[1:]))
@@ -340,11 +350,11 @@ class Flat(AffineRule):
         self.stabilizer = stabilizer
         self._counts: dict[tuple, Tensor] = {}
 
-    def backward(self, relevance, ctx):
+    def backward(self, relevance, ctx, owned=False):
         in_shape = ctx["x"].shape[1:]
         key = tuple(in_shape)
         if key not in self._counts:  # receptive-field sizes depend only on the input size
             self._counts[key] = self.affine(torch.ones(1, *in_shape, device=self.ones.device, dtype=self.ones.dtype),
                                             self.ones)
-        scaled = relevance / stabilize(self._counts[key], self.stabilizer).unsqueeze(1)
+        scaled = _divided(relevance, stabilize(self._counts[key], self.stabilizer).unsqueeze(1), owned)
         return self.transpose(scaled, self.ones, in_shape)
