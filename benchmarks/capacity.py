@@ -13,7 +13,7 @@ Stages and what is measured (median of --repeats, on one CPU core where it says 
   analysis  ``Analyzer`` (VGG16, random weights, 224x224, default config) on this CPU, a few images;
             on an H100 the figure measured by ``benchmarks/gpu_check.sh`` (benchmarks/README.md).
 
-    python benchmarks/capacity.py [--jpegs 300] [--analysis-images 2] [--gpu-rate 164] [--hours 8]
+    python benchmarks/capacity.py [--jpegs 300] [--analysis-images 2] [--gpu-rate 106] [--hours 8]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 IMAGENET_TRAIN = 1_281_167
-H100_ANALYSIS = 164.0  # img/s, whole analysis at batch 32, FP32 (benchmarks/README.md, gpu_check.sh)
+H100_ANALYSIS = 106.0  # img/s, whole analysis at batch 32 in FP32 as the actors run it (benchmarks/README.md, gpu_check.sh)
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> Path:
