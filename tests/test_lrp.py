@@ -207,3 +207,27 @@ def test_propagate_leaves_callers_relevance_and_kept_layers_intact(composite):
     # the same relevance again, propagated down to the kept layer's output and no further
     expected, _, _ = explainer.propagate(record, before.clone(), start=start, stop=kept_layer)
     assert torch.equal(kept[kept_layer], expected)
+
+
+def test_cpu_chunks_give_the_same_explanation(monkeypatch):
+    """explain() on a CPU runs a large batch in chunks; every field equals one pass over it."""
+    from lrpscale.lrp import explainer as module
+
+    torch.manual_seed(0)
+    model = build_vgg("vgg11", 10, width_divisor=16, hidden=32, pooled_size=1).eval()
+    explainer = lrpscale.Explainer(model)
+    x, targets = torch.randn(5, 3, 32, 32), [3, 1, 4, 1, 5]
+    whole = explainer.explain(x, target=targets)
+    per_image = module.CPU_CHUNK_BYTES // explainer.cpu_chunk(x)
+    monkeypatch.setattr(module, "CPU_CHUNK_BYTES", 2 * per_image)  # chunks of 2, 2 and 1 images
+    assert explainer.cpu_chunk(x) == 2
+    chunked = explainer.explain(x, target=targets)
+    assert torch.equal(chunked.target, torch.tensor(targets))
+    # conv algorithms sum in batch-size-dependent orders: equal to float32 rounding, per tensor
+    for name in ("relevance", "logits", "initial"):
+        assert relative_max_diff(getattr(chunked, name), getattr(whole, name)) < 1e-5, name
+    for name in ("layers", "activations", "totals"):
+        mine, theirs = getattr(chunked, name), getattr(whole, name)
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert relative_max_diff(mine[key], theirs[key]) < 1e-5, (name, key)
