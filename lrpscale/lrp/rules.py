@@ -176,8 +176,9 @@ class AffineRule(Rule):
         """(z_pos, z_neg): the outputs of the positive and negative parts, (N, *out) each.
 
         z_pos = W_pos x+ + W_neg x- + b_pos and z_neg the other way round, with the rule's own
-        ``w_pos``/``w_neg``. Stacked into the forward when the input is non-negative; for a
-        signed input computed here once per forward and shared by later backward passes.
+        ``w_pos``/``w_neg``. Stacked into the forward when the input is non-negative (then with
+        any stabiliser the rule folded into the stacked biases); for a signed input computed here
+        once per forward, unstabilised, and shared by later backward passes.
         z_neg is None when the rule stacked only the positive part.
         """
         if "z_mod" not in ctx:
