@@ -159,8 +159,9 @@ class NeuronCounts:
         frame["mean_activation"] = activation / count
         return frame
 
-    def frames(self):
-        """(by, layer, nodes rows of every neuron selected at least once), one layer at a time."""
+    def selected(self):
+        """(by, layer, (class rows, neurons)) of every neuron selected at least once, one
+        (grouping, layer) at a time."""
         for (by, layer), arrays in sorted(self.arrays.items()):
             yield by, layer, np.nonzero(arrays[0])
 

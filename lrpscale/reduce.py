@@ -217,7 +217,7 @@ def _write_nodes(neurons: NeuronCounts, path: Path, images_of: pd.DataFrame) -> 
     written one (grouping, layer) at a time."""
     writer = None
     try:
-        for by, layer, (rows, ids) in neurons.frames():
+        for by, layer, (rows, ids) in neurons.selected():
             table = pa.Table.from_pandas(neurons.frame(by, layer, rows, ids, images_of), preserve_index=False)
             writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table.cast(writer.schema))
