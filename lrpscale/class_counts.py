@@ -165,12 +165,13 @@ class NeuronCounts:
         for (by, layer), arrays in sorted(self.arrays.items()):
             yield by, layer, np.nonzero(arrays[0])
 
-    def strongest(self, per_layer: int, images_of: pd.DataFrame) -> pd.DataFrame:
-        """The nodes rows of each class's ``per_layer`` most frequently selected neurons per layer."""
+    def strongest(self, top: dict[tuple[str, str], np.ndarray], images_of: pd.DataFrame) -> pd.DataFrame:
+        """The nodes rows of the neurons in ``top`` (as ``top()`` returns them): each class's
+        strongest neurons per layer."""
         parts = []
-        for (by, layer), top in self.top(per_layer).items():
-            rows, slots = np.nonzero(top >= 0)
-            parts.append(self.frame(by, layer, rows, top[rows, slots], images_of))
+        for (by, layer), ids in top.items():
+            rows, slots = np.nonzero(ids >= 0)
+            parts.append(self.frame(by, layer, rows, ids[rows, slots], images_of))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["by", "class", "layer", "neuron", "count", "class_images", "frequency", "mean_relevance",
                      "mean_activation"])

@@ -112,10 +112,13 @@ def reduce_run(run: str | Path, top_nodes: int = 8, min_edge_frequency: float = 
     for chunk in _chunks(run, "neurons", ["label", "pred", "layer", "neuron", "relevance", "activation"], 1 << 20):
         neurons.add(chunk)
     _write_nodes(neurons, out / "nodes.parquet", images_of)
-    # every table below needs at most each class's strongest neurons: a frame of bounded size
-    nodes = neurons.strongest(max(edge_nodes, top_nodes), images_of)
+    # every table below needs at most each class's strongest neurons: a frame of bounded size.
+    # Ranked once; the first edge_nodes of each ranking are the edge ends.
+    ranked = neurons.top(max(edge_nodes, top_nodes))
+    nodes = neurons.strongest(ranked, images_of)
     edge_keys = ("layer_from", "neuron_from", "layer_to", "neuron_to")
-    edge_counts = EdgeCounts(index, neurons.top(edge_nodes), {by: targets.top(by, edge_nodes) for by in BY},
+    edge_counts = EdgeCounts(index, {key: ids[:, :edge_nodes] for key, ids in ranked.items()},
+                             {by: targets.top(by, edge_nodes) for by in BY},
                              {key: neurons.width(*key) for key in neurons.arrays})
     for chunk in _chunks(run, "edges", ["label", "pred", *edge_keys, "relevance"], 1 << 20):
         edge_counts.add(chunk)
