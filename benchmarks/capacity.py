@@ -2,13 +2,13 @@
 limits first, from per-image costs measured here.
 
 Stages and what is measured (median of --repeats, on one CPU core where it says so):
-  decode    ``data.load_batch`` (read, JPEG decode, resize the shorter side, centre crop 224,
+  decode    ``decoding.load_batch`` (read, JPEG decode, resize the shorter side, centre crop 224,
             normalise) of real ImageNet-sized JPEGs, in one process = one core. The JPEGs are
             crops, rescales and re-encodings (quality 75-95) of scikit-learn's two sample photos
             (427x640), sized like ImageNet's (mostly ~500x375).
   rows      the actor turning analysis records into Arrow rows (``pa.Table.from_pylist`` with
-            ``schema.RESULT``), per image, on one core: runs next to the GPU, in the actor.
-  write     the driver's ``schema.split_result`` + ``RunDirectory.commit`` per image, one core,
+            ``tables.RESULT``), per image, on one core: runs next to the GPU, in the actor.
+  write     the driver's ``tables.split_result`` + ``RunStore.commit`` per image, one core,
             on shards of 256 synthetic images shaped like VGG16 default results; and bytes/image.
   analysis  ``Analyzer`` (VGG16, random weights, 224x224, default config) on this CPU, a few images;
             on an H100 the figure measured by ``benchmarks/gpu_check.sh`` (benchmarks/README.md).
@@ -67,25 +67,26 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def measure_decode(folder: Path, repeats: int) -> dict:
-    from lrpscale import data
-    from lrpscale.models import IMAGENET_MEAN, IMAGENET_STD
+    from lrpscale.engine.models import IMAGENET_MEAN, IMAGENET_STD
+    from lrpscale.inputs import decoding, sources
 
-    listing = data.list_inputs(str(folder))
+    listing = sources.list_inputs(str(folder))
     batch = {name: np.asarray(listing.column(name).to_pylist(), dtype=object) for name in listing.column_names}
     for name in ("row", "offset", "size"):
         batch[name] = listing.column(name).to_numpy()
     sizes = [os.path.getsize(p) for p in listing.column("uri").to_pylist()]
-    out = data.load_batch(batch, 224, IMAGENET_MEAN, IMAGENET_STD)
+    out = decoding.load_batch(batch, 224, IMAGENET_MEAN, IMAGENET_STD)
     assert out["ok"].all(), "a generated JPEG failed to decode"
-    seconds = _median_seconds(lambda: data.load_batch(batch, 224, IMAGENET_MEAN, IMAGENET_STD), repeats)
+    seconds = _median_seconds(lambda: decoding.load_batch(batch, 224, IMAGENET_MEAN, IMAGENET_STD), repeats)
     return {"images": listing.num_rows, "per_image_ms": 1000 * seconds / listing.num_rows,
             "img_per_s_per_core": listing.num_rows / seconds, "mean_jpeg_kb": float(np.mean(sizes)) / 1024}
 
 
 def measure_rows_and_write(repeats: int) -> dict:
-    from lrpscale import schema, synthetic
-    from lrpscale.analyze import AnalysisConfig
-    from lrpscale.pipeline import RunDirectory
+    from lrpscale.config import AnalysisConfig
+    from lrpscale.run import synthetic
+    from lrpscale.storage import tables
+    from lrpscale.storage.store import RunStore
 
     listing, wnids = synthetic.imagenet_listing(1024, 4)
     label_index = np.searchsorted(wnids, listing.column("label").to_numpy(zero_copy_only=False)).astype(np.int32)
@@ -94,15 +95,15 @@ def measure_rows_and_write(repeats: int) -> dict:
     result = synthetic.shard_result(shard, 0, label_index[:256], wnids, preferences)
     rows = result.to_pylist()
     config = AnalysisConfig()
-    row_seconds = _median_seconds(lambda: pa.Table.from_pylist(rows, schema=schema.RESULT), repeats)
+    row_seconds = _median_seconds(lambda: pa.Table.from_pylist(rows, schema=tables.RESULT), repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunDirectory(tmp)
+        run = RunStore(tmp)
         counter = iter(range(10 ** 6))
 
         def write():
-            tables = schema.split_result(result, config.heatmap_size, config.deconv_size, config.deconv_mode,
-                                         synthetic.MODEL_ID, "capacity")
-            run.commit(next(counter), tables, result.num_rows)
+            shard_tables = tables.split_result(result, config.heatmap_size, config.deconv_size, config.deconv_mode,
+                                               synthetic.MODEL_ID, "capacity")
+            run.commit(next(counter), shard_tables, result.num_rows)
 
         write_seconds = _median_seconds(write, repeats)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("part-*.parquet")) / (next(counter) * result.num_rows)
@@ -112,7 +113,7 @@ def measure_rows_and_write(repeats: int) -> dict:
 
 def measure_analysis(images: int, repeats: int) -> dict:
     from lrpscale import load_model
-    from lrpscale.analyze import Analyzer
+    from lrpscale.engine.analyzer import Analyzer
 
     model = load_model("vgg16", seed=0).eval()
     analyzer = Analyzer(model)

@@ -97,7 +97,7 @@ import json, os, sys
 import torch
 sys.path.insert(0, "benchmarks")
 import lrpscale
-from lrpscale.analyze import Analyzer
+from lrpscale.engine.analyzer import Analyzer
 from lrp_throughput import (heatmap_difference, normalized, random_images, zennit, zennit_composite,
                              zennit_heatmap)
 

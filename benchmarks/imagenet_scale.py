@@ -1,9 +1,9 @@
 """What a run of ImageNet's size costs: bytes on disk, the reducer's time and memory, and the
 time of an auditor's queries, on synthetic runs written through the real schema and writer
-(``lrpscale.synthetic``).
+(``lrpscale.run.synthetic``).
 
 For each --images count: generate the run (or reuse it), sum the Parquet bytes per image, run
-the reducer (``reduce_run(pictures=False)``, then the pictures alone) in a fresh subprocess
+the reducer (``reduce_run``, then the pictures alone) in a fresh subprocess
 that reports its wall time and peak RSS (``ru_maxrss``). At the largest count, time four
 queries with column projection and filters pushed down, each in fresh subprocesses (cold-ish:
 new process, OS page cache as it is) and repeated in one process (warm); the peer is the same
@@ -121,15 +121,15 @@ def _child(code: str) -> dict:
 
 
 def reduce_in_child(run: Path, pictures: bool) -> dict:
-    """Wall time and peak RSS of reduce_run in a fresh process (its own ru_maxrss, in MB)."""
+    """Wall time and peak RSS of the reducer (and the pictures) in a fresh process (its own ru_maxrss, in MB)."""
     return _child(f"""
 import json, resource, shutil, time
 from pathlib import Path
-from lrpscale.reduce import reduce_run
+from lrpscale.report.class_pictures import reduce_with_pictures
 run = Path({str(run)!r})
 shutil.rmtree(run / "classes", ignore_errors=True)
 start = time.perf_counter()
-reduce_run(run, pictures={pictures})
+reduce_with_pictures(run, {pictures})
 seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """)
@@ -159,7 +159,7 @@ def generate(run: Path, images: int) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     return _child(f"""
 import json
-from lrpscale.synthetic import generate_run
+from lrpscale.run.synthetic import generate_run
 print(json.dumps(generate_run({str(run)!r}, {images}, processes=2)))
 """)
 

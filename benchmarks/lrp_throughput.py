@@ -16,14 +16,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import lrpscale
-from lrpscale.analyze import use_tf32
-from lrpscale.models import input_normalization
+from lrpscale.engine.analyzer import use_tf32
+from lrpscale.engine.models import input_normalization
 
 try:
     import zennit

@@ -62,7 +62,8 @@ def measure_run(images: int, weights: str, model: str, batch_size: int) -> dict:
     """One audit in this process (meant to run in a fresh subprocess): wall time and peak memory."""
     import ray
 
-    from lrpscale.pipeline import RunConfig, run_audit
+    from lrpscale.config import RunConfig
+    from lrpscale.run.audit import run_audit
 
     work = Path(tempfile.mkdtemp(prefix="lrpscale-bench-"))
     source = _write_digits(work / "input", images)
@@ -95,10 +96,10 @@ def measure_run(images: int, weights: str, model: str, batch_size: int) -> dict:
 
 def measure_bare_loop(images: int, weights: str, model: str, batch_size: int) -> dict:
     """The same decode + analysis code in a plain loop, no Ray, no Parquet (model load not timed)."""
-    from lrpscale import data
-    from lrpscale.analyze import AnalysisConfig
-    from lrpscale.models import input_normalization, load_model
-    from lrpscale.pipeline import AnalyzerActor
+    from lrpscale.config import AnalysisConfig
+    from lrpscale.engine.models import input_normalization, load_model
+    from lrpscale.inputs import decoding, sources
+    from lrpscale.run.actor import AnalyzerActor
 
     work = Path(tempfile.mkdtemp(prefix="lrpscale-bench-"))
     source = _write_digits(work / "input", images)
@@ -106,11 +107,11 @@ def measure_bare_loop(images: int, weights: str, model: str, batch_size: int) ->
     mean, std = input_normalization(net)
     actor = AnalyzerActor(model, weights, AnalysisConfig().to_dict())
     started = time.perf_counter()  # like the pipeline's steady state: the model is loaded
-    listing = data.list_inputs(source)
+    listing = sources.list_inputs(source)
     for offset in range(0, listing.num_rows, batch_size):
         part = listing.slice(offset, batch_size)
         columns = {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
-        batch = data.load_batch(columns, net.lrpscale_image_size, mean, std)
+        batch = decoding.load_batch(columns, net.lrpscale_image_size, mean, std)
         batch["shard"] = np.zeros(part.num_rows, np.int32)
         actor(batch)
     seconds = time.perf_counter() - started
@@ -125,8 +126,9 @@ def measure_bytes(images: int) -> dict:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from lrpscale.models import build_vgg
-    from lrpscale.pipeline import RunConfig, run_audit
+    from lrpscale.config import RunConfig
+    from lrpscale.engine.models import build_vgg
+    from lrpscale.run.audit import run_audit
 
     work = Path(tempfile.mkdtemp(prefix="lrpscale-bench-"))
     photos = load_sample_images().images

@@ -18,17 +18,28 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+from lrp_throughput import (
+    environment,
+    frozen_model,
+    heatmap_difference,
+    interleaved,
+    paired_ratio,
+    parse_ints,
+    print_environment,
+    random_images,
+    synchronizer,
+    zennit,
+    zennit_composite,
+)
 
 import lrpscale
-from lrpscale import analyze
-from lrpscale.selection import neuron_totals, rank_neurons, sweep, top_k_masks
-
-from lrp_throughput import (environment, frozen_model, heatmap_difference, interleaved, paired_ratio, parse_ints,
-                            print_environment, random_images, synchronizer, zennit, zennit_composite)
+from lrpscale.config import AnalysisConfig
+from lrpscale.engine import analyzer as analyzer_module
+from lrpscale.engine.selection import neuron_totals, rank_neurons, sweep, top_k_masks
 
 Tensor = torch.Tensor
 TARGET_SWEEP = 5.0
@@ -207,14 +218,14 @@ class timed_stages:
 
     STAGES = {"sweep": "sweep", "critical path (edges)": "critical_path", "deconvolution": "deconvolve_many"}
 
-    def __init__(self, analyzer: analyze.Analyzer, clock: StageClock):
+    def __init__(self, analyzer: analyzer_module.Analyzer, clock: StageClock):
         self.analyzer, self.clock = analyzer, clock
 
     def __enter__(self):
         explainer = self.analyzer.explainer
-        self.saved = {attribute: getattr(analyze, attribute) for attribute in self.STAGES.values()}
-        for name, attribute in self.STAGES.items():  # analyze.py calls these through its module globals
-            setattr(analyze, attribute, self.clock.wrap(name, self.saved[attribute]))
+        self.saved = {attribute: getattr(analyzer_module, attribute) for attribute in self.STAGES.values()}
+        for name, attribute in self.STAGES.items():  # analyzer.py calls these through its module globals
+            setattr(analyzer_module, attribute, self.clock.wrap(name, self.saved[attribute]))
         # instance attributes shadow the methods; nested calls (inside sweep, ...) count for the outer stage
         explainer.forward = self.clock.wrap("forward", type(explainer).forward.__get__(explainer))
         explainer.propagate = self.clock.wrap("full backward pass", type(explainer).propagate.__get__(explainer))
@@ -222,13 +233,13 @@ class timed_stages:
 
     def __exit__(self, *exc):
         for attribute, original in self.saved.items():
-            setattr(analyze, attribute, original)
+            setattr(analyzer_module, attribute, original)
         del self.analyzer.explainer.forward, self.analyzer.explainer.propagate
 
 
 def measure_analysis(model, batch: int, args, device) -> dict:
     sync = synchronizer(device)
-    analyzer = analyze.Analyzer(model, analyze.AnalysisConfig())
+    analyzer = analyzer_module.Analyzer(model, AnalysisConfig())
     explainer = analyzer.explainer
     x = random_images(model, batch, args.size, args.seed + 100 + batch).to(device)
     clock = StageClock(sync)

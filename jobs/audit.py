@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from common import job_parser, load_config, pop_job_settings
+from common import job_parser, load_config, pop_job_settings, run_config
 
 OPTIONS = {"input": "images to analyse (folder, manifest, Parquet or WebDataset)", "output": "the run directory",
            "weights": "model weights: a state dict path, imagenet or demo", "address": "Ray address"}
@@ -16,16 +16,19 @@ def main(argv=None) -> int:
     args = job_parser(__doc__.splitlines()[0], OPTIONS).parse_args(argv)
     config = load_config(args, OPTIONS)
     address, report, pictures = pop_job_settings(config, address=None, report=True, pictures=True)
+    run = run_config(config)
 
-    from lrpscale.pipeline import RunConfig, run_audit
-    from lrpscale.reduce import reduce_run
+    from lrpscale.console import configure_logging
+    from lrpscale.report.class_pictures import reduce_with_pictures
+    from lrpscale.run.audit import run_audit
 
-    summary = run_audit(RunConfig.from_mapping(config), address=address)
+    configure_logging()
+    summary = run_audit(run, address=address)
     print(f"run {summary.run_id}: {summary.ok} images, {summary.errors} errors, {summary.output}")
     if summary.ok:
-        print(f"classes: {reduce_run(summary.output, pictures=pictures)}")
+        print(f"classes: {reduce_with_pictures(summary.output, pictures)}")
         if report:
-            from lrpscale.report import write_report
+            from lrpscale.report.page import write_report
 
             print(f"report: {write_report(summary.output)}")
     return 0

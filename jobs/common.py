@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def job_parser(description: str, options: dict[str, str]) -> argparse.ArgumentParser:
     """A parser with --config, --set and one ``--<option>`` per entry of ``options`` (name -> help)."""
@@ -26,25 +24,25 @@ def job_parser(description: str, options: dict[str, str]) -> argparse.ArgumentPa
 
 
 def load_config(args: argparse.Namespace, options: dict[str, str]) -> dict:
-    """The config file with the command line's overrides applied."""
-    if not args.config.is_file():
-        sys.exit(f"config {args.config} not found; the job configs are in jobs/configs/")
-    config = yaml.safe_load(args.config.read_text()) or {}
-    if not isinstance(config, dict):
-        sys.exit(f"config {args.config} must be a mapping of settings, got {type(config).__name__}")
-    for name in options:
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            sys.exit(f"--set takes KEY=VALUE, got {item!r}")
-        *parents, leaf = key.split(".")
-        section = config
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        section[leaf] = yaml.safe_load(value)
-    return config
+    """The config file with the command line's overrides applied (``lrpscale.config.load_settings``,
+    the loader the CLI uses); a bad file or item exits with a message naming it."""
+    from lrpscale.config import ConfigError, load_settings
+
+    try:
+        return load_settings(args.config, {name: getattr(args, name) for name in options}, args.set)
+    except ConfigError as error:
+        sys.exit(f"{args.config}: {error}")
+
+
+def run_config(config: dict):
+    """RunConfig.from_mapping, exiting with the message (which names the key) on a bad setting:
+    before Ray starts and before anything is written."""
+    from lrpscale.config import ConfigError, RunConfig
+
+    try:
+        return RunConfig.from_mapping(config)
+    except ConfigError as error:
+        sys.exit(f"bad setting: {error}")
 
 
 def pop_job_settings(config: dict, **defaults):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from common import job_parser, load_config, pop_job_settings
+from common import job_parser, load_config, pop_job_settings, run_config
 
 OPTIONS = {"input": "images to analyse", "output_root": "the folder holding the runs side by side",
            "weights": "model weights: a state dict path, imagenet or demo", "address": "Ray address"}
@@ -21,17 +21,23 @@ def main(argv=None) -> int:
     if not root:
         sys.exit("reanalyze needs output_root (in the config or --output-root)")
 
-    from lrpscale.pipeline import RunConfig
-    from lrpscale.reanalysis import reanalyze
-
     config.setdefault("output", root)  # RunConfig requires it; reanalyze picks ROOT/<run id>
-    result = reanalyze(RunConfig.from_mapping(config), root, address=address, pictures=pictures)
+    run = run_config(config)
+
+    from lrpscale.console import configure_logging
+    from lrpscale.report.class_pictures import write_class_pictures
+    from lrpscale.run.reanalysis import reanalyze
+
+    configure_logging()
+    result = reanalyze(run, root, address=address)
+    if pictures and result.reduced:
+        write_class_pictures(result.run)
     print(f"{result.action}: run {result.run} ({result.summary.analysed_now} inputs analysed now, "
           f"{result.summary.ok} images, {result.summary.errors} errors)")
     if result.comparison_dir:
         print(f"comparison with {result.previous}: {result.comparison_dir}")
     if report and result.action != "unchanged":
-        from lrpscale.report import write_report
+        from lrpscale.report.page import write_report
 
         print(f"report: {write_report(result.run, compare=result.previous)}")
     return 0

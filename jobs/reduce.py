@@ -15,10 +15,10 @@ def main(argv=None) -> int:
     args = job_parser(__doc__.splitlines()[0], OPTIONS).parse_args(argv)
     config = load_config(args, OPTIONS)
 
-    from lrpscale.reduce import reduce_run
+    from lrpscale.report.class_pictures import reduce_with_pictures
 
     run = config.pop("run")
-    print(f"classes: {reduce_run(run, **config)}")
+    print(f"classes: {reduce_with_pictures(run, **config)}")
     return 0
 
 

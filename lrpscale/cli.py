@@ -12,24 +12,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-import numpy as np
-import torch
-from torch import nn
+from lrpscale import __version__
+from lrpscale.config import COMPOSITE_NAMES, DECONV_MODES, INPUT_KINDS, MODEL_NAMES, TARGETS, ConfigError
 
-from . import __version__
-from .analyze import AnalysisConfig, Analyzer
-from .lrp import COMPOSITES, Explainer, get_composite
-from .models import (VGG_NAMES, WeightsError, demo_spec, input_normalization, layer_aliases, load_model,
-                     resolve_layer)
-from .paths import default_path_layers
-from .preprocess import preprocess
-
-# matplotlib (viz) and pandas/pyarrow (data) load inside the functions that use them, so that
-# `lrpscale --help` and subcommands that draw nothing start faster
+# torch, Ray, matplotlib and pandas load inside the subcommands that use them, so that
+# `lrpscale --help` and a bad setting answer at once
 
 USAGE_ERROR = 2
 
@@ -86,9 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
+    from lrpscale.console import configure_logging
+
+    configure_logging()
     try:
         return args.handler(args)
-    except (CommandError, WeightsError) as error:
+    except (CommandError, ConfigError) as error:
+        print(f"lrpscale {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except ValueError as error:  # the engine's WeightsError and ExplainError are ValueErrors naming the input
+        if type(error).__name__ not in ("WeightsError", "ExplainError"):
+            raise
         print(f"lrpscale {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as shell tools do
@@ -98,18 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- explain -----------------------------------------------------------------------------------
 
-DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
-
 
 def explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="an image file PIL can read")
-    parser.add_argument("--model", default="vgg16", choices=VGG_NAMES, help="VGG architecture (default vgg16)")
+    parser.add_argument("--model", default="vgg16", choices=MODEL_NAMES, help="VGG architecture (default vgg16)")
     parser.add_argument("--weights", default="imagenet",
                         help="imagenet (needs network), demo[-DATASET] (the bundled demo models), random, "
                              "or a path to a state dict (default imagenet)")
     parser.add_argument("--out", default=".", type=Path, help="output folder (default: the current one)")
     parser.add_argument("--composite", default="epsilon-gamma-box",
-                        help=f"LRP composite: {', '.join(COMPOSITES)} (default epsilon-gamma-box)")
+                        help=f"LRP composite: {', '.join(COMPOSITE_NAMES)} (default epsilon-gamma-box)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="side of the square model input (default: the demo model's size, else 224)")
     parser.add_argument("--target", default="pred",
@@ -117,8 +114,8 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
                              "class name), a class index or a class name (default pred)")
     parser.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
                         help="layers whose k is swept, by name or alias (default: the last conv layer)")
-    parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS), metavar="K",
-                        help=f"the k sweep (default {' '.join(map(str, DEFAULT_KS))})")
+    parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64], metavar="K",
+                        help="the k sweep (default 1 2 4 8 16 32 64)")
     parser.add_argument("--path-layers", nargs="+", default=None, metavar="LAYER",
                         help="critical-path layers (default: the last conv of each block, fc6, fc7)")
     parser.add_argument("--path-k", type=int, default=4, help="neurons kept at path layers that are not swept")
@@ -126,7 +123,7 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="k* is the smallest k whose fidelity SMAPE (%%) is at most this (default 50)")
     parser.add_argument("--deconv", type=int, default=4, metavar="J",
                         help="neurons reconstructed by deconvolution in every conv path layer (default 4)")
-    parser.add_argument("--deconv-mode", default="all", choices=("all", "max"),
+    parser.add_argument("--deconv-mode", default="all", choices=DECONV_MODES,
                         help="deconvolve the whole feature map or only its strongest activation")
     parser.add_argument("--classes", type=Path, default=None,
                         help="class names: a text file with one name per line or a JSON list "
@@ -137,117 +134,18 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def explain(args: argparse.Namespace) -> int:
-    """Explain one image: write the figure, heatmap, graph (PNG) and the numbers (JSON) to --out.
+    """Explain one image: write the figure, heatmap, graph (PNG) and the numbers (JSON) to --out
+    (``lrpscale.explain_image``; ``ImageExplanation`` lists the JSON keys)."""
+    from lrpscale.explain import explain_image
 
-    ``<stem>.json`` holds: image, model, model_id, weights, composite, image_size, device, config (the
-    AnalysisConfig), prediction and target ({index, name, probability, logit}), top_classes,
-    conservation_error, relevance ({total, positive, negative}), layer_labels (module name ->
-    alias), sweeps ({layer: {alias, ks, chosen_k, scores: {variant: {mse, smape}}}}), selected
-    ({layer: [{neuron, rank, relevance, activation}]}), path_layers, nodes, edges, deconv
-    ({layer: [neurons]}) and files (the PNGs written).
-    """
-    image_path = Path(args.image)
-    image = read_image(image_path)  # before the model loads: a wrong path should fail at once
-    _check_arguments(args)
-    out = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CommandError(f"cannot create output folder {out}: {error.strerror or error}") from None
-    device = _device(args.device)
-    model = _load_model(args.model, args.weights).to(device)
-    names = class_names(model, args.classes)
-    target = _target_index(args.target, image_path, names, _num_classes(model))
-    size = args.image_size or model.lrpscale_image_size
-    _check_image_size(model, size)
-    pixels, shown = model_input(image, model, size)
-    labels = layer_labels(model)
-    config = explain_config(model, args, size)
-    try:
-        analyzer = Analyzer(model, config)
-    except (KeyError, ValueError) as error:
-        raise CommandError(_message(error)) from None
-    analysis = analyzer(torch.from_numpy(pixels)[None], None if target is None else torch.tensor([target]))
-
-    from . import viz
-
-    stem = image_path.stem
-    files = {"explanation": out / f"{stem}_explanation.png", "heatmap": out / f"{stem}_heatmap.png",
-             "graph": out / f"{stem}_graph.png", "json": out / f"{stem}.json"}
-    figure = viz.explanation_figure(analysis, 0, shown, labels, names, config.score_target)
-    viz.save_figure(figure, files["explanation"], args.dpi)
-    title = viz.explanation_title(analysis, 0, names)
-    viz.save_figure(viz.heatmap_figure(analysis.heatmap[0], shown, title=title), files["heatmap"], args.dpi)
-    graph = viz.analysis_graph(analysis, 0)
-    viz.save_figure(viz.path_graph_figure(graph, title=f"critical path: {title}", layer_labels=labels,
-                                          class_names=names), files["graph"], args.dpi)
-    summary = {"image": str(image_path.resolve()), "model": args.model,
-               "model_id": getattr(model, "lrpscale_model_id", args.model), "weights": str(args.weights),
-               "composite": config.composite, "image_size": size, "device": str(device),
-               "config": config.to_dict(), **explanation_record(analysis, labels, names),
-               "files": {kind: str(path) for kind, path in files.items()}}
-    files["json"].write_text(json.dumps(summary, indent=1))
-    _print_summary(summary)
+    result = explain_image(args.image, model=args.model, weights=args.weights, composite=args.composite,
+                           image_size=args.image_size, target=args.target, layers=args.layers, ks=args.ks,
+                           path_layers=args.path_layers, path_k=args.path_k, score_target=args.score_target,
+                           deconv=args.deconv, deconv_mode=args.deconv_mode, classes=args.classes,
+                           device=args.device)
+    result.save(args.out, args.dpi)
+    _print_summary(result.record)
     return 0
-
-
-def explain_config(model, args: argparse.Namespace, size: int):
-    """The AnalysisConfig ``lrpscale explain`` uses: the sweep and path of the arguments, and
-    deconvolutions of up to ``--deconv`` neurons at every conv path layer, pictures at the input
-    size ``size``."""
-    composite = get_composite(args.composite).name
-    try:
-        sweep_layers = [resolve_layer(model, l) for l in args.layers] if args.layers else None
-        path_layers = [resolve_layer(model, l) for l in args.path_layers] if args.path_layers else None
-    except KeyError as error:
-        raise CommandError(_message(error)) from None
-    modules = dict(model.named_modules())
-    if path_layers is None:
-        path_layers = default_path_layers(Explainer(model, composite))
-    convs = [l for l in dict.fromkeys(path_layers + (sweep_layers or []))
-             if isinstance(modules.get(l), nn.Conv2d)]
-    return AnalysisConfig(composite=composite, sweep_layers=sweep_layers, ks=tuple(sorted(set(args.ks))),
-                          score_target=args.score_target, path_layers=path_layers, path_k=args.path_k,
-                          deconv_layers=convs or None, deconv_per_layer=args.deconv,
-                          deconv_mode=args.deconv_mode, heatmap_size=size, deconv_size=size,
-                          target="pred" if args.target == "pred" else "label")
-
-
-def explanation_record(analysis, labels: dict[str, str], names: list[str] | None, index: int = 0) -> dict:
-    """The JSON-ready numbers of one image of a BatchAnalysis (see ``explain`` for the keys)."""
-    from .viz import class_label
-
-    record = analysis.records()[index]
-    probabilities = analysis.logits[index].softmax(0)
-    top = probabilities.topk(min(5, probabilities.numel()))
-
-    def described(cls: int) -> dict:
-        return {"index": cls, "name": class_label(cls, names), "probability": float(probabilities[cls]),
-                "logit": float(analysis.logits[index, cls])}
-
-    sweeps = {}
-    for layer, result in analysis.sweeps.items():
-        sweeps[layer] = {"alias": labels.get(layer, layer), "ks": list(result.ks),
-                         "chosen_k": int(result.chosen_k[index]),
-                         "scores": {variant: {"mse": mse_values[index].tolist(), "smape": smape_values[index].tolist()}
-                                    for variant, (mse_values, smape_values) in result.scores.items()}}
-    selected: dict[str, list] = {}
-    for neuron in record["neurons"]:
-        selected.setdefault(neuron["layer"], []).append({k: v for k, v in neuron.items() if k != "layer"})
-    return {
-        "prediction": described(record["pred"]),
-        "target": described(record["target"]),
-        "top_classes": [described(int(c)) for c in top.indices],
-        "conservation_error": record["conservation_error"],
-        "relevance": {"total": record["rel_total"], "positive": record["rel_pos"], "negative": record["rel_neg"]},
-        "layer_labels": {layer: labels.get(layer, layer) for layer in analysis.path_layers + list(analysis.sweeps)},
-        "sweeps": sweeps,
-        "selected": selected,
-        "path_layers": list(analysis.path_layers),
-        "nodes": analysis.nodes[index],
-        "edges": analysis.edges[index],
-        "deconv": {layer: channels[index].tolist() for layer, (channels, _) in analysis.deconv.items()},
-    }
 
 
 def _print_summary(summary: dict) -> None:
@@ -263,161 +161,54 @@ def _print_summary(summary: dict) -> None:
         print(f"{kind:>12}: {path}")
 
 
-# --- helpers -------------------------------------------------------------------------------------
-
-def _message(error: BaseException) -> str:
-    """The text of an exception; KeyError's str() would add quotes."""
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-
-
-def _load_model(name: str, weights: str):
-    return load_model(name, None if weights in ("random", "none") else weights)
-
-
-def _device(name: str):
-    """--device as a torch.device; CommandError for a device this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CommandError(f"unknown --device {name!r}: {error}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise CommandError(f"--device {name}: no such CUDA device here; use --device cpu")
-    return device
-
-
-def _num_classes(model) -> int:
-    return model.classifier[-1].out_features
-
-
-def _check_image_size(model, size: int) -> None:
-    pools = sum(isinstance(m, nn.MaxPool2d) for m in model.features)
-    if size < 2 ** pools:
-        raise CommandError(f"--image-size {size} is too small: this model halves the image {pools} times, "
-                           f"so it needs at least {2 ** pools} pixels")
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Checks of ``explain`` options that need no model, so they fail before it loads."""
-    if min(args.ks) < 1 or args.path_k < 1 or args.deconv < 1:
-        raise CommandError("--ks, --path-k and --deconv must be positive")
-    try:
-        get_composite(args.composite)
-    except KeyError as error:
-        raise CommandError(_message(error)) from None
-
-
-def read_image(path: Path):
-    """Decode an image file into a PIL image; CommandError if it is missing or not a readable image."""
-    from .data import InputError, decode
-
-    if not path.is_file():
-        raise CommandError(f"image {path} does not exist")
-    try:
-        return decode(path.read_bytes())
-    except InputError as error:
-        raise CommandError(f"cannot read image {path}: {error.message}") from None
-    except OSError as error:
-        raise CommandError(f"cannot read image {path}: {error.strerror}") from None
-
-
-def model_input(image, model, size: int):
-    """A PIL image -> (model input (3, S, S) float32, display image (S, S, 3) uint8), normalised as
-    the model expects."""
-    mean, std = input_normalization(model)
-    pixels = preprocess(image, size, mean, std)
-    shown = np.clip((pixels.transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)) * 255 + 0.5, 0, 255)
-    return pixels, shown.astype(np.uint8)
-
-
-def layer_labels(model) -> dict[str, str]:
-    """Module name -> VGG alias (features.28 -> conv5_3) for labelling pictures."""
-    return {name: alias for alias, name in layer_aliases(model).items()}
-
-
-def class_names(model, classes_file: Path | None = None) -> list[str] | None:
-    """The model's class names, or None (pictures and output then use indices).
-
-    In order: ``--classes`` (one name per line, or a JSON list), then the model's
-    ``lrpscale_classes`` (the demo models' and ImageNet's names, set by ``load_model``).
-    """
-    num_classes = _num_classes(model)
-    names = None
-    if classes_file is not None:
-        names = _read_class_names(classes_file)
-    elif getattr(model, "lrpscale_classes", None):
-        names = list(model.lrpscale_classes)
-    if names is not None and len(names) != num_classes:
-        raise CommandError(f"{len(names)} class names for a model with {num_classes} classes")
-    return names
-
-
-def _read_class_names(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise CommandError(f"cannot read class names from {path}: {error.strerror}") from None
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CommandError(f"{path} is not a JSON list of class names: {error}") from None
-        return [str(name) for name in names]
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _target_index(target: str, image: Path, names: list[str] | None, num_classes: int) -> int | None:
-    """--target as a class index, or None for the prediction."""
-    if target == "pred":
-        return None
-    value = image.resolve().parent.name if target == "label" else target
-    if names is not None and value in names:
-        return names.index(value)
-    if value.lstrip("-").isdigit():
-        index = int(value)
-        if not 0 <= index < num_classes:
-            raise CommandError(f"target {index} is out of range: the model has {num_classes} classes")
-        return index
-    if target == "label":
-        raise CommandError(f"--target label takes the class from the image's folder name, but {value!r} is not "
-                           "a class of this model; pass --target INDEX or a class name")
-    raise CommandError(f"unknown target {target!r}: pass pred, label, a class index or a class name")
-
-
 # --- run, reduce, demo ---------------------------------------------------------------------------
 
 def _analysis_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--composite", default="epsilon-gamma-box",
-                        help=f"LRP composite: {', '.join(COMPOSITES)} (default epsilon-gamma-box)")
+    """Named options for the most used analysis settings; ``--set analysis.KEY=VALUE`` reaches all."""
+    parser.add_argument("--composite", default=None,
+                        help=f"LRP composite: {', '.join(COMPOSITE_NAMES)} (default epsilon-gamma-box)")
     parser.add_argument("--ks", default=None, help="the k sweep, comma separated (default 1,4,16,64)")
     parser.add_argument("--layers", default=None, help="swept layers, comma separated (default: the last conv)")
-    parser.add_argument("--target", default="pred", choices=("pred", "label"), help="class to explain per image")
-    parser.add_argument("--heatmap-size", type=int, default=56, help="side of the stored heatmaps (default 56)")
+    parser.add_argument("--target", default=None, choices=TARGETS, help="class to explain per image (default pred)")
+    parser.add_argument("--heatmap-size", type=int, default=None, help="side of the stored heatmaps (default 56)")
 
 
-def _analysis_config(args: argparse.Namespace):
-    options = {"composite": args.composite, "target": args.target, "heatmap_size": args.heatmap_size}
-    if args.ks:
-        try:
-            options["ks"] = tuple(int(k) for k in args.ks.split(","))
-        except ValueError:
-            raise CommandError(f"--ks must be integers separated by commas, got {args.ks!r}") from None
-    if args.layers:
-        options["sweep_layers"] = tuple(args.layers.split(","))
-    return AnalysisConfig(**options)
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, type=Path, metavar="YAML",
+                        help="settings file (as jobs/configs/audit.yaml); named options and --set override it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, dotted for analysis.* (--set analysis.path_k=8), value read as YAML")
+
+
+def run_config(args: argparse.Namespace):
+    """The RunConfig of ``run``: the --config file, then the named options, then each --set; checked
+    here, before anything starts. Weights default to imagenet; random or none mean random."""
+    from lrpscale.config import RunConfig, load_settings
+
+    named = {name: getattr(args, name) for name in ("input", "output", "model", "weights", "input_kind",
+                                                     "image_size", "batch_size", "shard_size", "num_actors",
+                                                     "actor_resources")}
+    analysis = {"composite": args.composite, "target": args.target, "heatmap_size": args.heatmap_size,
+                "ks": args.ks and f"[{args.ks}]", "sweep_layers": args.layers and f"[{args.layers}]"}
+    sets = [f"analysis.{key}={value}" for key, value in analysis.items() if value is not None] + args.set
+    settings = load_settings(args.config, named, sets)
+    settings.setdefault("weights", "imagenet")
+    if settings["weights"] in ("random", "none"):
+        settings["weights"] = None
+    return RunConfig.from_mapping(settings)
 
 
 def run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="a folder of images, a manifest (CSV/Parquet with uri), "
+    parser.add_argument("--input", default=None, help="a folder of images, a manifest (CSV/Parquet with uri), "
                         "a Parquet dataset with image bytes, or WebDataset .tar shards (a glob)")
-    parser.add_argument("--input-kind", default=None, choices=("folder", "manifest", "parquet", "webdataset"))
-    parser.add_argument("--output", required=True, help="the run directory (created; resumed if it exists)")
-    parser.add_argument("--model", default="vgg16", choices=VGG_NAMES)
-    parser.add_argument("--weights", default="imagenet", help="imagenet, demo[-DATASET], random, or a state dict path")
+    parser.add_argument("--input-kind", default=None, choices=INPUT_KINDS)
+    parser.add_argument("--output", default=None, help="the run directory (created; resumed if it exists)")
+    parser.add_argument("--model", default=None, choices=MODEL_NAMES, help="VGG architecture (default vgg16)")
+    parser.add_argument("--weights", default=None,
+                        help="imagenet (default), demo[-DATASET], random, or a state dict path")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's (224, demo 32)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=256, help="images per commit (default 256)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per model call (default 16)")
+    parser.add_argument("--shard-size", type=int, default=None, help="images per commit (default 256)")
     parser.add_argument("--num-actors", type=int, default=None, help="default: one per GPU, else one")
     parser.add_argument("--actor-resources", type=_actor_resources, default=None, metavar="JSON",
                         help="what one analyser actor requests, a JSON object such as "
@@ -425,41 +216,41 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                         'else {"num_cpus": 2}); with a custom resource the actor count defaults to the '
                         "cluster's total of it divided by the request")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS, else local)")
-    parser.add_argument("--overwrite", action="store_true", help="analyse again even if the run exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run at --output (only its own files)")
     parser.add_argument("--no-reduce", action="store_true", help="skip the reducer after the run")
     _analysis_arguments(parser)
+    _config_arguments(parser)
 
 
 def _actor_resources(text: str) -> dict:
-    """--actor-resources: a JSON object of Ray resource requests (num_cpus, num_gpus, memory, resources)."""
-    allowed = {"num_cpus", "num_gpus", "memory", "resources"}
+    """--actor-resources: a JSON object (RunConfig checks its keys and amounts)."""
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict) or set(value) - allowed or not isinstance(value.get("resources", {}), dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object with keys from {sorted(allowed)}, 'resources' "
-                                         f'a mapping such as {{"accel_slot": 1}}; got {text!r}')
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
-    """Audit a dataset into a run directory, then reduce it."""
-    from .pipeline import RunConfig, run_audit
-    from .reduce import reduce_run
+    """Audit a dataset into a run directory, then reduce it and draw the class pictures."""
+    config = run_config(args)  # a bad setting fails here, before torch or Ray load
 
-    config = RunConfig(input=args.input, output=args.output, model=args.model,
-                       weights=None if args.weights in ("random", "none") else args.weights,
-                       input_kind=args.input_kind, image_size=args.image_size, batch_size=args.batch_size,
-                       shard_size=args.shard_size, num_actors=args.num_actors,
-                       actor_resources=args.actor_resources, analysis=_analysis_config(args))
+    from lrpscale.console import progress_display
+    from lrpscale.report.class_pictures import reduce_with_pictures
+    from lrpscale.run.audit import run_audit
+
     try:
-        summary = run_audit(config, address=args.address, overwrite=args.overwrite)
+        with progress_display() as progress:
+            summary = run_audit(config, address=args.address, overwrite=args.overwrite, progress=progress)
     except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as error:
         raise CommandError(_message(error)) from None
-    classes = None if args.no_reduce or summary.ok == 0 else reduce_run(summary.output)
+    classes = None if args.no_reduce or summary.ok == 0 else reduce_with_pictures(summary.output)
     _print_run_summary(summary, classes)
     return 0
+
+
+def _message(error: BaseException) -> str:
+    """The text of an exception; KeyError's str() would add quotes."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def _print_run_summary(summary, classes: Path | None) -> None:
@@ -483,12 +274,12 @@ def reduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 def reduce(args: argparse.Namespace) -> int:
     """Class-level summaries of a run."""
-    from .reduce import reduce_run
+    from lrpscale.report.class_pictures import reduce_with_pictures
 
-    if not (Path(args.run) / "run.json").is_file():
-        raise CommandError(f"{args.run} is not an lrpscale run (no run.json)")
+    _check_run(args.run)
     try:
-        out = reduce_run(args.run, args.top_nodes, args.min_edge_frequency, pictures=not args.no_pictures)
+        out = reduce_with_pictures(args.run, not args.no_pictures, top_nodes=args.top_nodes,
+                                   min_edge_frequency=args.min_edge_frequency)
     except ValueError as error:
         raise CommandError(str(error)) from None
     print(f"classes: {out}")
@@ -505,11 +296,10 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare(args: argparse.Namespace) -> int:
     """How explanations moved between two runs: per class and per image, as Parquet and text."""
-    from .compare import compare_runs
+    from lrpscale.results.comparison import compare_runs
 
     for run in (args.run_a, args.run_b):
-        if not (Path(run) / "run.json").is_file():
-            raise CommandError(f"{run} is not an lrpscale run (no run.json)")
+        _check_run(run)
     try:
         comparison = compare_runs(args.run_a, args.run_b)
     except ValueError as error:
@@ -535,11 +325,11 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report(args: argparse.Namespace) -> int:
     """One self-contained HTML page on a run (and its comparison with another)."""
-    from .report import write_report
+    from lrpscale.report.page import write_report
 
     for run in (args.run, args.compare):
-        if run is not None and not (Path(run) / "run.json").is_file():
-            raise CommandError(f"{run} is not an lrpscale run (no run.json)")
+        if run is not None:
+            _check_run(run)
     if (args.gallery is not None and args.gallery < 1) or (args.rows is not None and args.rows < 1):
         raise CommandError("--gallery and --rows must be positive")
     options = {name: getattr(args, name) for name in ("gallery", "classes", "rows") if getattr(args, name) is not None}
@@ -549,6 +339,13 @@ def report(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     print(f"report: {path}")
     return 0
+
+
+def _check_run(location: str) -> None:
+    from lrpscale.storage.store import RunStore
+
+    if not RunStore(location).is_file("run.json"):
+        raise CommandError(f"{location} is not an lrpscale run (no run.json)")
 
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -561,9 +358,12 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     """The embedded default: a real dataset, the bundled model, the audit and the reducer, locally."""
-    from . import demo_data
-    from .pipeline import RunConfig, run_audit
-    from .reduce import reduce_run
+    from lrpscale import demo_data
+    from lrpscale.config import RunConfig
+    from lrpscale.console import progress_display
+    from lrpscale.engine.models import demo_spec
+    from lrpscale.report.class_pictures import reduce_with_pictures
+    from lrpscale.run.audit import run_audit
 
     started = time.time()
     if args.dataset == "digits":
@@ -578,9 +378,10 @@ def demo(args: argparse.Namespace) -> int:
     spec = demo_spec(weights)
     print(f"dataset: {source} ({args.dataset}); model: bundled VGG16-topology demo model "
           f"(test accuracy {spec.test_accuracy:.1%})")
-    summary = run_audit(RunConfig(input=str(source), output=str(args.output / "run"), weights=weights,
-                                  batch_size=args.batch_size), overwrite=args.overwrite)
-    classes = reduce_run(summary.output)
+    with progress_display() as progress:
+        summary = run_audit(RunConfig(input=str(source), output=str(args.output / "run"), weights=weights,
+                                      batch_size=args.batch_size), overwrite=args.overwrite, progress=progress)
+    classes = reduce_with_pictures(summary.output)
     _print_run_summary(summary, classes)
     print(f"pictures: {classes / 'contact_sheet_label.png'}, {classes / 'graphs'}")
     print(f"demo finished in {time.time() - started:.0f} s")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lrpscale.preprocess import preprocess
+from lrpscale.inputs.preprocess import preprocess
 
 DIGITS_CLASSES = [str(digit) for digit in range(10)]
 DIGITS_SPLIT_SEED = 0

@@ -28,7 +28,7 @@ from lrpscale.demo_data import (
     fashion_mnist,
     model_inputs,
 )
-from lrpscale.models import ASSETS, DemoWeights, build_vgg, file_sha256
+from lrpscale.engine.models import ASSETS, DemoWeights, build_vgg, file_sha256
 
 MODEL_NAME = "vgg16"
 IMAGE_SIZE = 32

@@ -1,0 +1,11 @@
+"""The engine: VGG models, LRP rules and composites, the batched explainer, neuron selection and
+the k sweep, critical paths, deconvolution, and the Analyzer that runs the whole per-image
+method (docs/method.md). Tensors in, tensors and small Python records out.
+
+Rule: imports torch, torchvision, numpy, networkx, ``lrpscale.config`` and ``lrpscale.graph``;
+never Ray, Arrow, Parquet or pandas (import-linter enforces it).
+"""
+from lrpscale.engine.composites import COMPOSITES, Composite, get_composite
+from lrpscale.engine.explainer import Explainer, Explanation, ForwardRecord
+
+__all__ = ["COMPOSITES", "Composite", "Explainer", "Explanation", "ForwardRecord", "get_composite"]

@@ -1,0 +1,124 @@
+"""Decoding listed inputs into model input: read each row's bytes with its source's reader,
+decode with PIL under a pixel limit, preprocess; an input that fails becomes an error row.
+Runs in Ray's CPU tasks, so it imports no torch.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+from PIL import Image
+
+from lrpscale.config import DEFAULT_MAX_PIXELS
+from lrpscale.inputs.preprocess import preprocess
+from lrpscale.inputs.sources import ERROR_COLUMNS, ERROR_FIELDS, LOCATOR_COLUMNS, InputError, Locator, get_source
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """PIL reads its limit from a module global and only warns between 1x and 2x of it: set it
+    while one image opens and make the warning an error. Not thread-safe; decode in processes."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> a fully loaded PIL image in its own mode; raises InputError (stage "decode")."""
+    try:
+        with _pixel_limit(max_pixels):
+            image = Image.open(io.BytesIO(data))
+            image.load()  # decode every pixel now, so a truncated file fails here
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError("decode", "decompression_bomb", f"more than max_pixels={max_pixels} pixels "
+                         f"(PIL: {error}); raise max_pixels if the image is genuine") from None
+    except Image.UnidentifiedImageError:
+        raise InputError("decode", "not_an_image", f"{len(data)} bytes that PIL cannot identify as an "
+                         f"image (they start {data[:12]!r})") from None
+    except Exception as error:  # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, ...
+        truncated = isinstance(error, EOFError) or "truncated" in str(error).lower()
+        raise InputError("decode", "truncated" if truncated else "corrupt",
+                         f"{type(error).__name__}: {error}") from None
+
+
+def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float],
+               *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Read, decode and preprocess a batch of listing rows (a numpy batch as Ray Data hands it).
+
+    Returns every input row, in order: the locator columns are dropped, every other column
+    passes through, and it adds ``ok`` (bool, (B,)), ``pixels`` (float32, (B, 3, S, S), zeros
+    where not ok) and ``error_stage``/``error_type``/``error_message`` (object, None where ok).
+    Rows that arrive with an error from the listing stay errors. ``split_errors`` separates
+    the rows for the model from those for the ``errors`` table.
+    """
+    count = len(batch["image_id"])
+    listed = [batch.get(name, [None] * count) for name in ERROR_FIELDS]
+    errors: list[InputError | None] = [InputError(stage, error_type, message) if stage else None
+                                       for stage, error_type, message in zip(*listed)]
+    pixels = np.zeros((count, 3, image_size, image_size), dtype=np.float32)
+    for index, data in _read_rows(batch, [i for i in range(count) if errors[i] is None]).items():
+        if isinstance(data, InputError):
+            errors[index] = data
+            continue
+        try:
+            pixels[index] = _model_input(data, image_size, mean, std, max_pixels)
+        except InputError as error:
+            errors[index] = error
+    out = {name: column for name, column in batch.items() if name not in LOCATOR_COLUMNS}
+    out["ok"] = np.array([error is None for error in errors], dtype=bool)
+    out["pixels"] = pixels
+    for name, field in zip(ERROR_FIELDS, ("stage", "error_type", "message")):
+        out[name] = np.array([getattr(error, field) if error else None for error in errors], dtype=object)
+    return out
+
+
+def _model_input(data: bytes, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 max_pixels: int | None) -> np.ndarray:
+    """Encoded bytes -> (3, S, S) float32; raises InputError (stage "decode" or "preprocess")."""
+    image = decode(data, max_pixels)
+    try:
+        return preprocess(image, image_size, mean, std)
+    except Exception as error:
+        raise InputError("preprocess", "unconvertible", f"{image.mode} image of size {image.size}: "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def split_errors(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A ``load_batch`` output -> (rows for the model, rows for the ``errors`` table).
+
+    The first keeps every column but ``ok`` and the error columns; the second has ERROR_COLUMNS.
+    """
+    ok = np.asarray(batch["ok"], dtype=bool)
+    good = {name: column[ok] for name, column in batch.items() if name != "ok" and name not in ERROR_FIELDS}
+    bad = {name: np.asarray(batch[name], dtype=object)[~ok] for name in ERROR_COLUMNS}
+    return good, bad
+
+
+def _read_rows(batch: dict[str, np.ndarray], indices: list[int]) -> dict[int, bytes | InputError]:
+    """Bytes (or the read error) for each row index, calling each source's reader once per file."""
+    by_file: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index in indices:
+        by_file[(batch["source"][index], batch["path"][index])].append(index)
+    results: dict[int, bytes | InputError] = {}
+    for (source, path), rows in by_file.items():
+        locators = [Locator(batch["member"][i], int(batch["row"][i]), int(batch["offset"][i]), int(batch["size"][i]))
+                    for i in rows]
+        try:
+            values = get_source(source).read(path, locators)
+        except Exception as error:  # a reader bug or an odd file system must not sink the batch
+            values = [InputError("read", "unreadable", f"{source} reader failed on {path}: "
+                                 f"{type(error).__name__}: {error}")] * len(rows)
+        results.update(zip(rows, values))
+    return results
+
+

@@ -1,0 +1,479 @@
+"""The HTML report of a run: one self-contained page (pictures inline as PNG data URIs, CSS inline,
+no scripts, nothing fetched) with the run summary, a class gallery, the worst-explained images, the
+errors and, when asked, the comparison with another run.
+
+    write_report("runs/audit")                        # runs/audit/report.html
+    write_report("runs/new", compare="runs/old")      # with the comparison old (A) -> new (B)
+
+Pictures come from ``lrpscale.report.figures``; the class gallery reads the reducer's tables (running the
+reducer first when ``RUN/classes`` is missing). Big tables are cut to ``rows`` rows and said so,
+and the gallery shows at most ``gallery`` classes, so a run of 1,000 classes gives a page of the
+same size as one of ten.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from lrpscale import __version__
+from lrpscale.report.figures import layer_order
+from lrpscale.results import Run
+from lrpscale.results.class_counts import class_order
+from lrpscale.results.comparison import compare_runs, percent
+from lrpscale.results.reducer import reduce_run
+from lrpscale.storage.store import REPORT
+
+GALLERY_CLASSES = 20  # classes pictured in the gallery unless told otherwise
+ROWS = 20  # rows of each table before it is cut
+CHANGED_IMAGES = 12  # image pairs shown side by side in the comparison
+HEATMAP_PIXELS = 128  # displayed side of a heatmap thumbnail (the PNG holds the stored resolution)
+INPUT_PIXELS = 128  # largest side of an input thumbnail's PNG
+MAX_INPUT_BYTES = 32 * 1024 ** 2  # larger input files get no thumbnail
+FIGURE_DPI = 100
+
+
+def write_report(run: str | Path | Run, compare: str | Path | Run | None = None, output: str | Path | None = None,
+                 gallery: int = GALLERY_CLASSES, classes: Sequence[str] | None = None, rows: int = ROWS) -> Path:
+    """Write ``report.html`` into ``output`` (default: the run directory); returns its path.
+
+    compare: an earlier run (A) to compare this one (B) with. gallery: how many classes the
+    gallery pictures (by default the ones with the lowest accuracy when there are more);
+    classes: exactly these classes (labels) instead. rows: rows of the longer tables.
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    page = render_report(run, compare, gallery, classes, rows)
+    if output is None:  # into the run, through its store: a reader never sees half a page
+        run.store.write_bytes(REPORT, page.encode("utf-8"))
+        return run.store.local_path() / REPORT if run.store.local_path() else run.store.path(REPORT)
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REPORT
+    partial = path.with_name(f".{REPORT}.partial")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def render_report(run: Run, compare: str | Path | Run | None = None, gallery: int = GALLERY_CLASSES,
+                  classes: Sequence[str] | None = None, rows: int = ROWS) -> str:
+    """The report as one HTML string; arguments as in ``write_report``."""
+    if not run.is_reduced:
+        reduce_run(run.store)
+    labels = run.layer_labels
+    sections = [("summary", "Run summary", _summary_section(run, rows)),
+                ("classes", "Class gallery", _gallery_section(run, labels, gallery, classes)),
+                ("worst", "Worst-explained images", _worst_section(run, labels, rows)),
+                ("errors", "Errors", _errors_section(run, rows))]
+    if compare is not None:
+        before = compare if isinstance(compare, Run) else Run(compare)
+        sections.append(("comparison", "Comparison", _comparison_section(compare_runs(before, run), before, run,
+                                                                          rows)))
+    title = f"lrpscale report: run {run.info.get('run_id', run.store.location)}"
+    nav = " ".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name, _ in sections)
+    body = "\n".join(f'<section id="{key}">\n<h2>{html.escape(name)}</h2>\n{content}\n</section>'
+                     for key, name, content in sections)
+    generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<header><h1>{html.escape(title)}</h1><nav>{nav}</nav></header>\n<main>\n{body}\n</main>\n"
+            f"<footer>lrpscale {__version__}, {html.escape(generated)}; {html.escape(str(run.path))}</footer>\n"
+            "</body>\n</html>\n")
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+def _summary_section(run: Run, rows: int) -> str:
+    info = run.info
+    config = info.get("config", {})
+    analysis = config.get("analysis", {})
+    images = run.arrow("images", ["label", "label_index", "pred"]).to_pandas()
+    analysed, errors = _rows(run, "images"), _rows(run, "errors")
+    known = images[images["label_index"].notna()]
+    correct = known["label_index"] == known["pred"]
+    facts = [
+        ("run id", info.get("run_id")), ("status", info.get("status")), ("model", info.get("model_id")),
+        ("weights", config.get("weights")), ("composite", info.get("composite")),
+        ("input", info.get("input")), ("image size", config.get("image_size")),
+        ("k sweep", ", ".join(map(str, analysis.get("ks", [])))),
+        ("chosen k", f"smallest k with fidelity {analysis.get('score_metric', 'smape').upper()} <= "
+                     f"{analysis.get('score_target')}, else the largest"),
+        ("images listed", info.get("images")), ("images analysed", analysed), ("errors", errors),
+        ("accuracy", f"{correct.mean():.1%} of {len(known)} labelled images" if len(known) else "no labels"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())),
+        ("started", _time(info.get("started"))), ("finished", _time(info.get("finished"))),
+        ("last start took", _seconds(info.get("seconds_last_start"), info.get("images_per_second_last_start"))),
+    ]
+    table = "<table class=facts>" + "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(_text(value))}</td></tr>" for name, value in facts) + "</table>"
+    if not len(known):
+        return table
+    per_class = pd.DataFrame({"class": known["label"], "correct": correct}).groupby("class")["correct"].agg(
+        images="size", accuracy="mean").reset_index()
+    order = sorted(range(len(per_class)), key=lambda i: (per_class["accuracy"].iat[i],
+                                                          class_order(per_class["class"].iat[i])))
+    per_class = per_class.iloc[order]
+    note = (f"{len(per_class)} classes, lowest accuracy first" if len(per_class) <= rows else
+            f"the {rows} of {len(per_class)} classes with the lowest accuracy; accuracy per class: "
+            f"median {per_class['accuracy'].median():.1%}, range {per_class['accuracy'].min():.1%} to "
+            f"{per_class['accuracy'].max():.1%}")
+    return (table + f"<h3>Accuracy per class</h3><p class=note>{html.escape(note)}</p>"
+            + _table(per_class.head(rows), {"accuracy": percent}))
+
+
+def _gallery_section(run: Run, labels: dict[str, str], count: int, chosen: Sequence[str] | None) -> str:
+    heatmaps = run.class_heatmaps[run.class_heatmaps["by"] == "label"].set_index("class")
+    shown, note = gallery_classes(heatmaps, count, chosen)
+    nodes = run.class_nodes[run.class_nodes["by"] == "label"]
+    curves = run.k_curves[run.k_curves["by"] == "label"]
+    score_target = run.info.get("config", {}).get("analysis", {}).get("score_target")
+    swept = sorted(curves["layer"].unique(), key=layer_order)
+    overview, cards = [], []
+    for cls in shown:
+        row = heatmaps.loc[cls]
+        heatmap = _flat_map(row["heatmap"])
+        anchor = f"class-{cls}"
+        overview.append(f'<a class=thumb href="#{html.escape(anchor)}">'
+                        f'{_heatmap_html(heatmap, f"summary heatmap of class {cls}", pixels=64)}'
+                        f"<span>{html.escape(str(row['class_name']))}<br>{percent(row['accuracy'])}</span></a>")
+        facts = [f"<p>{int(row['images'])} images, accuracy {percent(row['accuracy'])}</p>"]
+        for layer in swept:
+            top = nodes[(nodes["class"] == cls) & (nodes["layer"] == layer)].nlargest(5, ["frequency", "mean_relevance"])
+            listed = ", ".join(f"{int(n)} ({f:.0%})" for n, f in zip(top["neuron"], top["frequency"]))
+            facts.append(f"<p>most often selected neurons of {html.escape(labels.get(layer, layer))} (share of the "
+                         f"class's images): {html.escape(listed or 'none')}</p>")
+        pictures = [_figure_html(_k_curves_figure(curves[(curves["class"] == cls) & (curves["layer"] == layer)],
+                                                  labels.get(layer, layer), score_target),
+                                 f"k curves of class {cls} at {labels.get(layer, layer)}", "curves") for layer in swept]
+        graph = run.class_graph(cls)
+        drawn = (_figure_html(_class_graph_figure(graph, labels), f"critical path of class {cls}", "graph")
+                 if graph.number_of_nodes() else "<p class=note>no critical path</p>")
+        cards.append(f'<article class=card id="{html.escape(anchor)}"><h3>class {html.escape(str(row["class_name"]))}'
+                     f'</h3><div class=row><figure>{_heatmap_html(heatmap, f"summary heatmap of class {cls}")}'
+                     f"<figcaption>mean normalised heatmap</figcaption></figure>"
+                     f'<div class=facts>{"".join(facts)}</div>{"".join(pictures)}</div>{drawn}</article>')
+    legend = ("<p class=note>Heatmaps: red is positive relevance, blue negative, each scaled to its own "
+              '99.5th percentile of |relevance| <span class=legend></span>. Graphs: per layer the most frequently '
+              "selected neurons (node area = how often), edges seen in at least 10% of the class's images "
+              "(width = mean relevance passed down). Curves: mean MSE and SMAPE of the class's images against k "
+              "(fidelity: top-k heatmap vs full heatmap; forward-backward: activations vs relevances), dotted "
+              "line at the k chosen most often.</p>")
+    return (f"<p class=note>{html.escape(note)}</p>{legend}<div class=overview>{''.join(overview)}</div>"
+            + "\n".join(cards))
+
+
+def gallery_classes(heatmaps: pd.DataFrame, count: int, chosen: Sequence[str] | None = None) -> tuple[list[str], str]:
+    """Which classes the gallery shows, and a sentence saying which.
+
+    heatmaps: the reducer's summary table by label, indexed by class. chosen: these classes
+    (ValueError naming any the run lacks); else all when there are at most ``count``, else the
+    ``count`` with the lowest accuracy.
+    """
+    classes = sorted(heatmaps.index, key=class_order)
+    if chosen:
+        missing = [c for c in chosen if c not in heatmaps.index]
+        if missing:
+            raise ValueError(f"no class {', '.join(map(repr, missing))} among the run's labels "
+                             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
+        return list(chosen), f"The {len(chosen)} classes asked for, of {len(classes)}."
+    if len(classes) <= count:
+        return classes, f"All {len(classes)} classes (by true label)."
+    worst = sorted(classes, key=lambda c: (heatmaps.loc[c, "accuracy"], class_order(c)))[:count]
+    return worst, (f"The {count} of {len(classes)} classes with the lowest accuracy, lowest first (pick others "
+                   "with --classes, or more with --gallery).")
+
+
+def _worst_section(run: Run, labels: dict[str, str], rows: int) -> str:
+    worst = run.worst_explained(rows)
+    if worst.empty:
+        return "<p class=note>No scores in this run.</p>"
+    images = run.table("images", ["image_id", "uri", "label", "pred_label", "prob", "heatmap", "heatmap_scale"],
+                       ds.field("image_id").isin(worst["image_id"].tolist())).set_index("image_id")
+    side = int(run.info.get("config", {}).get("image_size") or INPUT_PIXELS)
+    cards = []
+    for position, score in enumerate(worst.itertuples(), 1):
+        image = images.loc[score.image_id]
+        heatmap = _flat_map(image["heatmap"])
+        picture = _input_picture(image["uri"], min(side, INPUT_PIXELS))
+        shown = [_image_html(picture, f"input {score.image_id}") if picture is not None else
+                 "<div class=missing>input not readable here</div>",
+                 _heatmap_html(heatmap, f"heatmap of {score.image_id}")]
+        if picture is not None:
+            shown.append(_heatmap_html(heatmap, f"overlay of {score.image_id}", image=_resized(picture, heatmap.shape[0])))
+        wrong = image["label"] is not None and image["label"] != image["pred_label"]
+        caption = (f"#{position} {score.image_id}: label {image['label']}, predicted {image['pred_label']} "
+                   f"(p = {image['prob']:.2f}); {labels.get(score.layer, score.layer)} k* = {score.k}, "
+                   f"SMAPE {score.smape:.1f}%, MSE {score.mse:.2e}")
+        cards.append(f'<figure class="tile{" wrong" if wrong else ""}"><div class=row>{"".join(shown)}</div>'
+                     f'<figcaption>{html.escape(caption)}'
+                     f'<br><span class=uri>{html.escape(str(image["uri"]))}</span></figcaption></figure>')
+    note = (f"The {len(worst)} images whose top-k* neurons reproduce their heatmap worst (highest fidelity SMAPE "
+            f"at the chosen k, of {_analysed_images(run)} images): input, heatmap, overlay.")
+    return f"<p class=note>{html.escape(note)}</p><div class=tiles>{''.join(cards)}</div>"
+
+
+def _analysed_images(run: Run) -> int:
+    """Images the run analysed, from the reducer's per-prediction class counts (every analysed image has one)."""
+    heatmaps = run.class_heatmaps
+    return int(heatmaps.loc[heatmaps["by"] == "pred", "images"].sum())
+
+
+def _errors_section(run: Run, rows: int) -> str:
+    errors = run.errors
+    if errors.empty:
+        return "<p class=note>No input failed.</p>"
+    kinds = errors.groupby(["stage", "error_type"]).agg(inputs=("image_id", "size"), example=("message", "first"))
+    note = f"{len(errors)} inputs could not be analysed" + (f"; the first {rows} are listed" if len(errors) > rows else "")
+    return (_table(kinds.reset_index().sort_values("inputs", ascending=False), {"example": _shorten}) +
+            f"<p class=note>{html.escape(note)}.</p>" +
+            _table(errors.sort_values("image_id").head(rows)[["image_id", "uri", "stage", "error_type", "message"]],
+                   {"message": _shorten}))
+
+
+def _comparison_section(comparison, before: Run, after: Run, rows: int) -> str:
+    s = comparison.summary
+    facts = [("run A (before)", f"{s['run_a']}: {s['model_a']}, {s.get('composite_a')}, {before.path}"),
+             ("run B (this run)", f"{s['run_b']}: {s['model_b']}, {s.get('composite_b')}, {after.path}"),
+             ("images", f"{s['images_a']} in A, {s['images_b']} in B, {s['images_common']} in both"),
+             ("accuracy", f"{percent(s['accuracy_a'])} in A, {percent(s['accuracy_b'])} in B"),
+             ("predictions changed", f"{s['prediction_changed']} of {s['images_common']}"),
+             ("mean heatmap cosine per image", f"{s['mean_heatmap_cosine']:.3f}"),
+             ("mean critical-path overlap per class", f"neurons {s['mean_node_jaccard']:.3f}, "
+                                                      f"edges {s['mean_edge_jaccard']:.3f} (Jaccard)")]
+    table = "<table class=facts>" + "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>" for name, value in facts) + "</table>"
+    drift = comparison.classes.sort_values(["heatmap_cosine", "class"], ignore_index=True).head(rows)
+    maps = {key: run.class_heatmaps[run.class_heatmaps["by"] == "label"].set_index("class")["heatmap"]
+            for key, run in (("a", before), ("b", after))}
+    table_rows = pd.DataFrame({
+        "class": drift["class"],
+        "heatmap A, B": ["".join(_heatmap_html(_flat_map(maps[key][c]), f"class {c} in run {key.upper()}", pixels=48)
+                                 if c in maps[key].index else "<span class=missing>-</span>" for key in ("a", "b"))
+                         for c in drift["class"]],
+        "images A, B": [f"{a}, {b}" for a, b in zip(drift["images_a"], drift["images_b"])],
+        "accuracy A → B": [f"{percent(a)} → {percent(b)}" for a, b in zip(drift["accuracy_a"], drift["accuracy_b"])],
+        "heatmap cosine": drift["heatmap_cosine"], "heatmap MSE": drift["heatmap_mse"],
+        "neurons Jaccard": drift["node_jaccard"], "edges Jaccard": drift["edge_jaccard"],
+        "mean k* A → B": [f"{a:.1f} → {b:.1f}" for a, b in zip(drift["k_a"], drift["k_b"])],
+        "SMAPE at k* A → B": [f"{a:.1f}% → {b:.1f}%" for a, b in zip(drift["smape_a"], drift["smape_b"])],
+    })
+    cut = len(comparison.classes) > rows
+    class_note = ("Classes by drift of their summary heatmap (lowest cosine first)"
+                  + (f", the first {rows} of {len(comparison.classes)}" if cut else "") + "; critical-path overlap as "
+                  "Jaccard index of the class graphs' neurons and edges.")
+    changed = comparison.images.head(min(rows, CHANGED_IMAGES))
+    uris = after.table("images", ["image_id", "uri"], ds.field("image_id").isin(changed["image_id"].tolist()))
+    uris = dict(zip(uris["image_id"], uris["uri"]))
+    side = int(after.info.get("config", {}).get("image_size") or INPUT_PIXELS)
+    tiles = []
+    for row in changed.itertuples():
+        picture = _input_picture(uris.get(row.image_id), min(side, INPUT_PIXELS))
+        shown = [_image_html(picture, f"input {row.image_id}")] if picture is not None else []
+        shown += [_heatmap_html(before.heatmap(row.image_id), f"{row.image_id} in run A"),
+                  _heatmap_html(after.heatmap(row.image_id), f"{row.image_id} in run B")]
+        caption = (f"{row.image_id} (label {row.label}): predicted {row.pred_a} in A, {row.pred_b} in B; heatmap "
+                   f"cosine {row.heatmap_cosine:.3f}; SMAPE at k* {row.smape_a:.1f}% in A, {row.smape_b:.1f}% in B")
+        tiles.append(f'<figure class="tile{" changed" if row.prediction_changed else ""}"><div class=row>{"".join(shown)}</div>'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    images_note = (f"The {len(changed)} images that changed most, prediction changes first, then the lowest heatmap "
+                   "cosine: input, heatmap in A, heatmap in B (each on its own colour scale).")
+    return (table + f"<h3>Per class</h3><p class=note>{html.escape(class_note)}</p>"
+            + _table(table_rows, raw={"heatmap A, B"})
+            + f"<h3>Images</h3><p class=note>{html.escape(images_note)}</p><div class=tiles>{''.join(tiles)}</div>")
+
+
+# --- pictures ------------------------------------------------------------------------------------
+
+def _class_graph_figure(graph, labels: dict[str, str]):
+    from lrpscale.report import figures
+
+    return figures.path_graph_figure(graph, layer_labels=labels, size_attr="frequency", width_attr="relevance")
+
+
+def _k_curves_figure(curves: pd.DataFrame, layer: str, score_target: float | None):
+    """Mean MSE/SMAPE against k of one class at one swept layer, per variant (the k_curves table's rows)."""
+    from lrpscale.report import figures
+
+    ks = sorted(curves["k"].unique())
+    scores = {}
+    for variant, rows in curves.groupby("variant", sort=False):
+        rows = rows.set_index("k").reindex(ks)
+        scores[variant] = (rows["mean_mse"].to_numpy(), rows["mean_smape"].to_numpy())
+    fidelity = curves[curves["variant"] == "fidelity"]
+    chosen = int(fidelity.loc[fidelity["chosen_fraction"].idxmax(), "k"]) if len(fidelity) else None
+    return figures.score_curves_figure(ks, scores, chosen, score_target, title=f"{layer}: scores against k")
+
+
+def _figure_html(figure, alt: str, kind: str) -> str:
+    """A matplotlib figure as an <img>, its PNG cut to a 256-colour palette (a third of the bytes)."""
+    from PIL import Image
+
+    from lrpscale.report import figures
+
+    picture = Image.open(io.BytesIO(figures.figure_png(figure, FIGURE_DPI))).convert("RGB").quantize(256)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return f'<img class={kind} alt="{html.escape(alt)}" src="{_png_uri(buffer.getvalue())}">'
+
+
+def _heatmap_html(heatmap: np.ndarray, alt: str, image: np.ndarray | None = None, pixels: int = HEATMAP_PIXELS) -> str:
+    """A heatmap at its stored resolution as PNG, shown ``pixels`` wide without smoothing."""
+    from lrpscale.report.figures import heatmap_rgb
+
+    rgb = (heatmap_rgb(heatmap, image=image) * 255 + 0.5).astype(np.uint8)
+    return (f'<img class=map width={pixels} height={pixels} alt="{html.escape(alt)}" '
+            f'src="{_png_uri(_png(rgb))}">')
+
+
+def _image_html(picture: np.ndarray, alt: str) -> str:
+    return (f'<img class=map width={HEATMAP_PIXELS} height={HEATMAP_PIXELS} alt="{html.escape(alt)}" '
+            f'src="{_png_uri(_png((picture * 255 + 0.5).astype(np.uint8)))}">')
+
+
+def _input_picture(uri: str | None, side: int) -> np.ndarray | None:
+    """The input behind ``uri`` as the model saw it (shorter side resized, centre crop), (side, side, 3)
+    in [0, 1]; None unless the uri is a readable local image file."""
+    from lrpscale.inputs.decoding import decode
+    from lrpscale.inputs.preprocess import preprocess
+    from lrpscale.inputs.sources import InputError
+
+    if not uri:
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_INPUT_BYTES:
+            return None
+        pixels = preprocess(decode(path.read_bytes()), side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    except (OSError, InputError, ValueError):
+        return None
+    return np.clip(pixels.transpose(1, 2, 0), 0.0, 1.0)
+
+
+def _resized(picture: np.ndarray, side: int) -> np.ndarray:
+    """An (H, W, 3) picture in [0, 1] resized to (side, side, 3), to lie under a heatmap."""
+    from PIL import Image
+
+    image = Image.fromarray((picture * 255 + 0.5).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+    return np.asarray(image, np.float32) / 255.0
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _flat_map(values) -> np.ndarray:
+    """A heatmap stored flat (the reducer's table) or square, as (s, s) float32."""
+    flat = np.asarray(values, np.float32)
+    if flat.ndim == 2:
+        return flat
+    side = int(round(flat.size ** 0.5))
+    return flat.reshape(side, side)
+
+
+# --- tables and text -----------------------------------------------------------------------------
+
+def _table(frame: pd.DataFrame, formats: dict[str, Callable] | None = None, raw: set[str] = frozenset()) -> str:
+    """A DataFrame as an HTML table; ``formats``: column -> value formatter; ``raw``: columns holding HTML."""
+    formats = formats or {}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for values in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, values):
+            text = formats.get(column, _text)(value)
+            numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            cells.append(f"<td{' class=num' if numeric else ''}>{text if column in raw else html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<div class=scroll><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
+    return str(value)
+
+
+def _shorten(text, limit: int = 160) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _time(stamp) -> str | None:
+    return None if stamp is None else datetime.datetime.fromtimestamp(stamp).astimezone().strftime(
+        "%Y-%m-%d %H:%M:%S %Z")
+
+
+def _seconds(seconds, rate) -> str | None:
+    return None if seconds is None else f"{seconds:.1f} s" + (f" ({rate:.1f} images/s)" if rate else "")
+
+
+def _rows(run: Run, table: str) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in run.files(table))
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #222; background: #fafafa; }
+header { background: #263238; color: #fff; padding: 12px 24px; position: sticky; top: 0; z-index: 1; }
+header h1 { font-size: 20px; margin: 0 0 6px 0; font-weight: 600; }
+nav a { color: #b3e5fc; margin-right: 16px; text-decoration: none; font-size: 14px; }
+main { padding: 8px 24px 24px; max-width: 1400px; }
+section { margin-top: 24px; }
+h2 { font-size: 18px; border-bottom: 2px solid #263238; padding-bottom: 4px; }
+h3 { font-size: 15px; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 6px 0 12px; background: #fff; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: middle; }
+thead th { background: #eceff1; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.facts th { background: #eceff1; width: 200px; }
+.scroll { overflow-x: auto; }
+.note { color: #555; font-size: 13px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px 14px; margin: 12px 0; }
+.row { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.facts p { margin: 4px 0; font-size: 13px; }
+div.facts { flex: 1 1 260px; max-width: 420px; }
+figure { margin: 0; }
+figcaption { font-size: 12px; color: #444; max-width: 420px; }
+img { max-width: 100%; height: auto; }
+img.map { image-rendering: pixelated; border: 1px solid #ccc; }
+img.curves { max-width: min(100%, 600px); }
+.overview { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0; }
+.thumb { display: flex; flex-direction: column; align-items: center; font-size: 12px; color: #222;
+  text-decoration: none; text-align: center; }
+.tile.wrong, .tile.changed { border-color: #c0392b; }
+.tile.wrong figcaption::before { content: "misclassified: "; color: #c0392b; font-weight: 600; }
+.tile.changed figcaption::before { content: "prediction changed: "; color: #c0392b; font-weight: 600; }
+td .map { margin-right: 4px; }
+td { white-space: nowrap; }
+td:last-child { white-space: normal; }
+.tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(430px, 1fr)); gap: 12px; }
+.tile { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; }
+.uri { color: #777; word-break: break-all; }
+.missing { width: 128px; height: 128px; display: flex; align-items: center; justify-content: center;
+  text-align: center; font-size: 12px; color: #777; border: 1px dashed #bbb; }
+.legend { display: inline-block; width: 120px; height: 10px; vertical-align: middle; border: 1px solid #ccc;
+  background: linear-gradient(to right, #0000ff, #ffffff, #ff0000); }
+footer { color: #777; font-size: 12px; padding: 12px 24px; }
+"""

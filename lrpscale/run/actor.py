@@ -1,0 +1,112 @@
+"""The unit of distributed work: a model replica that analyses one batch of decoded inputs and
+returns result rows. A plain callable class, so it runs and is tested without Ray (also where
+Ray is not installed, as on a bare GPU machine)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lrpscale.config import AnalysisConfig
+from lrpscale.engine.analyzer import Analyzer, use_tf32
+from lrpscale.engine.models import load_model
+from lrpscale.inputs.sources import ERROR_FIELDS
+from lrpscale.storage import tables
+
+
+def label_indices(labels, classes: list[str] | None, num_classes: int) -> list[int | None]:
+    """Map label strings to class indices: by the class names where known, else integer labels."""
+    lookup = {name: i for i, name in enumerate(classes or [])}
+    out = []
+    for label in labels:
+        if label is None:
+            out.append(None)
+        elif label in lookup:
+            out.append(lookup[label])
+        elif str(label).isdigit() and int(label) < num_classes:
+            out.append(int(label))
+        else:
+            out.append(None)
+    return out
+
+
+class AnalyzerActor:
+    """A model replica: ``__init__`` loads the model once, ``__call__`` analyses one batch.
+
+    Takes a ``data.load_batch`` output (numpy columns) and returns a ``tables.RESULT`` table with
+    one row per input, each naming the Ray node that analysed it. A batch that fails in the model
+    is retried image by image, so one bad input becomes an ``analyze`` error row instead of
+    taking its batch down.
+    """
+
+    def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
+                 tf32: bool = False):
+        # the actor owns its process: TF32 convolutions select slightly different neurons than the
+        # CPU does, so full FP32 is the default and TF32 an opt-in for speed; set before CUDA starts
+        use_tf32(tf32)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = load_model(model, weights).to(self.device)
+        self.analyzer = Analyzer(net, AnalysisConfig.from_mapping(analysis))
+        self.classes = net.lrpscale_classes
+        self.num_classes = net.classifier[-1].out_features
+        self.config = self.analyzer.config
+        self.node_id = _node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        count = len(batch["image_id"])
+        rows: list[dict] = [self._base_row(batch, i) for i in range(count)]
+        good = [i for i in range(count) if bool(batch["ok"][i])]
+        if good:
+            for i, record in zip(good, self._analyse(batch, good)):
+                rows[i].update(record)
+        return pa.Table.from_pylist(rows, schema=tables.RESULT)
+
+    def _base_row(self, batch, i: int) -> dict:
+        label = _text(batch["label"][i])
+        return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "label": label,
+                "label_index": label_indices([label], self.classes, self.num_classes)[0],
+                "shard": int(batch["shard"][i]), "node_id": self.node_id,
+                **{name: _text(batch[name][i]) for name in ERROR_FIELDS}}
+
+    def _analyse(self, batch, indices: list[int]) -> list[dict]:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][indices])).to(self.device)
+        labels = label_indices([_text(batch["label"][i]) for i in indices], self.classes, self.num_classes)
+        try:
+            return self._records(pixels, labels)
+        except Exception:
+            if len(indices) == 1:
+                raise
+        out = []
+        for position, i in enumerate(indices):
+            try:
+                out.extend(self._records(pixels[position:position + 1], labels[position:position + 1]))
+            except Exception as error:  # the image, not the run, fails
+                out.append({"error_stage": "analyze", "error_type": type(error).__name__,
+                            "error_message": str(error)[:2000]})
+        return out
+
+    def _records(self, pixels: torch.Tensor, labels: list[int | None]) -> list[dict]:
+        if self.config.target == "label" and any(label is None for label in labels):
+            raise ValueError("target='label' but the label is missing or not one of the model's classes")
+        label_tensor = torch.tensor([-1 if l is None else l for l in labels], device=self.device)
+        analysis = self.analyzer(pixels, label_tensor if self.config.target == "label" else None)
+        return [tables.result_row(record, self.classes[record["pred"]] if self.classes else str(record["pred"]))
+                for record in analysis.records()]
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on; None outside Ray (the actor class used alone, also
+    where Ray is not installed, as on a bare GPU machine)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _text(value) -> str | None:
+    """A string cell from a Ray batch: Ray turns a column that is all None into floats (NaN)."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return str(value)
+

@@ -1,0 +1,258 @@
+"""The dataset audit on Ray: list once, decode in CPU tasks, analyse in a pool of model replicas,
+commit results shard by shard.
+
+Exactly once, by per-shard commits (``lrpscale.storage.store``): the listing is frozen into the
+run on the first start and cut into shards. The driver collects each shard's result rows and,
+once the shard is complete, commits its file in every table and then its marker. A shard without
+a marker is not part of the run: its files are removed and it is analysed again on the next
+start. Re-running a complete run does nothing unless ``overwrite``. This module knows no LRP
+rule: the actor hands batches to the engine's ``Analyzer``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lrpscale import __version__
+from lrpscale.config import RunConfig
+from lrpscale.engine.models import input_normalization, layer_aliases, load_model
+from lrpscale.inputs import decoding, sources
+from lrpscale.run.actor import AnalyzerActor
+from lrpscale.run.session import default_actors, ensure_ray
+from lrpscale.storage import tables
+from lrpscale.storage.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(config: RunConfig, model_id: str) -> dict:
+    """What makes two runs the same run (and a resume legal): model, input, analysis, size."""
+    return {"model_id": model_id, "input": os.path.abspath(config.input), "input_kind": config.input_kind,
+            "image_size": config.image_size, "analysis": config.analysis.to_dict(),
+            "schema_version": tables.SCHEMA_VERSION}
+
+
+def run_id_for(fingerprint: dict) -> str:
+    """Stable id of a run: model weights, analysis config, schema and code version."""
+    key = {k: v for k, v in fingerprint.items() if k not in ("input", "input_kind")}
+    key["lrpscale"] = __version__
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    run_id: str
+    images: int
+    ok: int
+    errors: int
+    seconds: float
+    analysed_now: int
+    already_complete: bool = False
+    warmup_seconds: float = 0.0  # start-up until the first results reached the driver
+
+
+    @property
+    def images_per_second(self) -> float:
+        return self.analysed_now / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Progress:
+    """Where an audit stands: images done of the total (committed before this start included),
+    errors among them, and the rate of this start."""
+
+    done: int
+    total: int
+    errors: int
+    images_per_second: float
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class _Meter:
+    """Counts results as they reach the driver and hands a ``Progress`` to ``report``."""
+
+    def __init__(self, total: int, already: int, report: ProgressCallback | None):
+        self.total, self.done, self.errors, self.now = total, already, 0, 0
+        self.start = time.time()
+        self.report = report
+
+    def update(self, rows: int, errors: int) -> None:
+        self.done += rows
+        self.now += rows
+        self.errors += errors
+        if self.report:
+            rate = self.now / max(time.time() - self.start, 1e-9)
+            self.report(Progress(self.done, self.total, self.errors, rate))
+
+
+def log_progress(every: float = 5.0) -> ProgressCallback:
+    """A progress callback that logs one line every ``every`` seconds, and the last one."""
+    last = [0.0]
+
+    def report(progress: Progress) -> None:
+        if time.time() - last[0] >= every or progress.done >= progress.total:
+            last[0] = time.time()
+            log.info("%d/%d images (%.0f%%), %.1f img/s, %d errors", progress.done, progress.total,
+                     100 * progress.done / max(progress.total, 1), progress.images_per_second, progress.errors)
+
+    return report
+
+
+def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = False,
+              progress: bool | ProgressCallback = True, new_inputs: bool = False) -> RunSummary:
+    """Analyse every input of ``config.input`` into the run at ``config.output``.
+
+    progress: True logs a line every few seconds, False stays quiet, a callable receives every
+    ``Progress``. new_inputs: list the input again and add the images that appeared since the
+    run's listing was frozen, as new shards (images already listed keep their shard, so each
+    stays once). Everything that can be checked (the output location, the model, the existing
+    run) is checked before Ray starts.
+    """
+    import ray
+
+    started = time.time()
+    report = log_progress() if progress is True else (progress or None)
+    store = RunStore(config.output)
+    store.check_location(config.input)
+    model = load_model(config.model, config.weights)
+    mean, std = input_normalization(model)
+    config = replace(config, image_size=config.image_size or model.lrpscale_image_size)
+    print_id = fingerprint(config, model.lrpscale_model_id)
+    run_id = run_id_for(print_id)
+    previous = store.read_json()
+    if previous and (overwrite or previous.get("fingerprint") != print_id):
+        if not overwrite:
+            raise RuntimeError(f"{store.location} holds a run with another model, input or configuration "
+                               f"(run {previous.get('run_id')}); choose another --output or pass --overwrite")
+        store.remove()
+        previous = None
+
+    if not store.has_listing():
+        store.write_listing(_sharded(sources.list_inputs(config.input, config.input_kind), 0, config.shard_size))
+    elif new_inputs:
+        _add_new_inputs(store, sources.list_inputs(config.input, config.input_kind), config.shard_size)
+    listing = store.read_listing()
+    shard_ids = listing.column("shard").to_numpy()
+    all_shards = set(np.unique(shard_ids).tolist())
+    committed = store.committed() & all_shards
+    pending = sorted(all_shards - committed)
+    store.discard_uncommitted(set(pending))
+    output = store.local_path() or store.location
+    base = {"run_id": run_id, "fingerprint": print_id, "config": config.to_dict(),
+            "model_id": model.lrpscale_model_id, "composite": config.analysis.composite,
+            "layers": {name: alias for alias, name in layer_aliases(model).items()},
+            "versions": _versions(), "input": os.path.abspath(config.input), "images": listing.num_rows,
+            "shards": len(all_shards), "created": (previous or {}).get("created", time.time())}
+    if not pending:
+        counts = _committed_counts(store)
+        log.info("%s is already complete (%d images, %d errors); pass --overwrite to analyse again",
+                 store.location, counts["ok"], counts["errors"])
+        return RunSummary(output, run_id, listing.num_rows, counts["ok"], counts["errors"], 0.0, 0, True)
+    store.write_json({**base, "status": "running", "started": started})
+
+    ensure_ray(address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    num_actors, resources = default_actors(config)
+    expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids, return_counts=True))}
+    pending_set = set(pending)
+    todo = listing.filter(pa.array(np.isin(shard_ids, pending)))
+    blocks = [todo.slice(offset, config.shard_size) for offset in range(0, todo.num_rows, config.shard_size)]
+    dataset = ray.data.from_arrow(blocks)
+    dataset = dataset.map_batches(decoding.load_batch, batch_size=config.shard_size, batch_format="numpy", num_cpus=1,
+                                  fn_kwargs={"image_size": config.image_size, "mean": mean, "std": std,
+                                             "max_pixels": config.max_pixels})
+    dataset = dataset.map_batches(
+        AnalyzerActor, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": config.model, "weights": config.weights,
+                               "analysis": config.analysis.to_dict(), "tf32": config.tf32},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
+
+    pieces: dict[int, list[pa.Table]] = defaultdict(list)
+    seen: dict[int, set[str]] = defaultdict(set)
+    meter = _Meter(listing.num_rows, sum(expected[s] for s in committed), report)
+    side = min(config.analysis.heatmap_size, config.image_size)
+    deconv_side = min(config.analysis.deconv_size, config.image_size)
+    first_result = None
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        first_result = first_result or time.time()
+        shards = batch.column("shard").to_numpy()
+        for shard in np.unique(shards).tolist():
+            part = batch.filter(pa.array(shards == shard))
+            ids = part.column("image_id").to_pylist()
+            fresh = [image_id not in seen[shard] for image_id in ids]
+            if shard not in pending_set or not any(fresh):
+                continue
+            if not all(fresh):  # a replayed batch must not duplicate rows
+                part = part.filter(pa.array(fresh))
+            seen[shard].update(ids)
+            pieces[shard].append(part)
+            meter.update(part.num_rows, int(pc.sum(part.column("error_stage").is_valid()).as_py() or 0))
+            if len(seen[shard]) == expected[shard]:
+                result = pa.concat_tables(pieces.pop(shard))
+                shard_tables = tables.split_result(result, side, deconv_side, config.analysis.deconv_mode,
+                                                   model.lrpscale_model_id, run_id)
+                nodes = pc.unique(result.column("node_id")).drop_null().to_pylist()
+                store.commit(shard, shard_tables, result.num_rows, nodes)
+                pending_set.discard(shard)
+                del seen[shard]
+    if pending_set:
+        raise RuntimeError(f"shards {sorted(pending_set)} did not complete; run the same command again to resume")
+    counts = _committed_counts(store)
+    seconds = time.time() - started
+    analysed = sum(expected[s] for s in pending)
+    store.write_json({**base, "status": "complete", "started": started, "finished": time.time(),
+                      "seconds_last_start": seconds, "images_per_second_last_start": analysed / seconds,
+                      "ok": counts["ok"], "errors": counts["errors"]})
+    return RunSummary(output, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed,
+                      warmup_seconds=(first_result or time.time()) - started)
+
+
+def _sharded(listing: pa.Table, first_shard: int, shard_size: int) -> pa.Table:
+    """The listing with a ``shard`` column: consecutive runs of ``shard_size`` rows from ``first_shard``."""
+    shards = first_shard + np.arange(listing.num_rows) // shard_size
+    return listing.append_column("shard", pa.array(shards, pa.int32()))
+
+
+def _add_new_inputs(store: RunStore, fresh: pa.Table, shard_size: int) -> int:
+    """Append the inputs of ``fresh`` whose image_id the frozen listing lacks, as new shards.
+
+    Inputs that disappeared from the source stay in the run (their results are history).
+    Returns how many inputs were added.
+    """
+    listing = store.read_listing()
+    known = listing.column("image_id")
+    added = fresh.filter(pc.invert(pc.is_in(fresh.column("image_id"), value_set=known)))
+    if added.num_rows:
+        first = int(pc.max(listing.column("shard")).as_py()) + 1 if listing.num_rows else 0
+        added = _sharded(added, first, shard_size).cast(listing.schema)
+        store.write_listing(pa.concat_tables([listing, added]))
+    log.info("%d new inputs since the run's listing (%d listed before)", added.num_rows, listing.num_rows)
+    return added.num_rows
+
+
+def _committed_counts(store: RunStore) -> dict[str, int]:
+    return {"ok": store.committed_rows("images"), "errors": store.committed_rows("errors")}
+
+
+def _versions() -> dict:
+    import ray
+    import torch
+
+    return {"lrpscale": __version__, "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version()}
