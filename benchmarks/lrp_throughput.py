@@ -33,7 +33,7 @@ except ImportError:  # the benchmark still measures lrpscale and autograd withou
 
 Tensor = torch.Tensor
 
-# The project's targets on the 2-core CPU machine (DESIGN.md section 6 has the peers' numbers).
+# The project's targets on the 2-core CPU machine (benchmarks/README.md has the peers' numbers).
 TARGET_VS_ZENNIT = 3.5
 TARGET_VS_GRADIENT = 0.65
 

@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lrpscale {args.command}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: committed shards stay, the same command finishes the rest
+        print("\ninterrupted: run the same command to resume", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -154,7 +157,7 @@ def _print_summary(summary: dict) -> None:
     if target["index"] != prediction["index"]:
         print(f"explained {target['name']} (p = {target['probability']:.3f})")
     print(f"conservation error {summary['conservation_error']:.2e}")
-    for layer, result in summary["sweeps"].items():
+    for result in summary["sweeps"].values():
         smape = result["scores"]["fidelity"]["smape"][result["ks"].index(result["chosen_k"])]
         print(f"{result['alias']}: k* = {result['chosen_k']} of {result['ks']} (fidelity SMAPE {smape:.1f}%)")
     for kind, path in summary["files"].items():
@@ -187,7 +190,7 @@ def run_config(args: argparse.Namespace):
 
     named = {name: getattr(args, name) for name in ("input", "output", "model", "weights", "input_kind",
                                                      "image_size", "batch_size", "shard_size", "num_actors",
-                                                     "actor_resources")}
+                                                     "actor_resources", "follow_external_links")}
     analysis = {"composite": args.composite, "target": args.target, "heatmap_size": args.heatmap_size,
                 "ks": args.ks and f"[{args.ks}]", "sweep_layers": args.layers and f"[{args.layers}]"}
     sets = [f"analysis.{key}={value}" for key, value in analysis.items() if value is not None] + args.set
@@ -215,6 +218,8 @@ def run_arguments(parser: argparse.ArgumentParser) -> None:
                         '\'{"resources": {"accel_slot": 1}, "num_cpus": 1}\' (default {"num_gpus": 1} with GPUs, '
                         'else {"num_cpus": 2}); with a custom resource the actor count defaults to the '
                         "cluster's total of it divided by the request")
+    parser.add_argument("--follow-external-links", action="store_true", default=None,
+                        help="follow symbolic links that lead out of the input folder (default: an error row each)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS, else local)")
     parser.add_argument("--overwrite", action="store_true", help="replace the run at --output (only its own files)")
     parser.add_argument("--no-reduce", action="store_true", help="skip the reducer after the run")
@@ -241,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with progress_display() as progress:
             summary = run_audit(config, address=args.address, overwrite=args.overwrite, progress=progress)
-    except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise CommandError(_message(error)) from None
     classes = None if args.no_reduce or summary.ok == 0 else reduce_with_pictures(summary.output)
     _print_run_summary(summary, classes)
@@ -276,7 +281,7 @@ def reduce(args: argparse.Namespace) -> int:
     """Class-level summaries of a run."""
     from lrpscale.report.class_pictures import reduce_with_pictures
 
-    _check_run(args.run)
+    _warn_if_incomplete(args.run)
     try:
         out = reduce_with_pictures(args.run, not args.no_pictures, top_nodes=args.top_nodes,
                                    min_edge_frequency=args.min_edge_frequency)
@@ -327,9 +332,9 @@ def report(args: argparse.Namespace) -> int:
     """One self-contained HTML page on a run (and its comparison with another)."""
     from lrpscale.report.page import write_report
 
-    for run in (args.run, args.compare):
-        if run is not None:
-            _check_run(run)
+    _warn_if_incomplete(args.run)
+    if args.compare is not None:
+        _check_run(args.compare)
     if (args.gallery is not None and args.gallery < 1) or (args.rows is not None and args.rows < 1):
         raise CommandError("--gallery and --rows must be positive")
     options = {name: getattr(args, name) for name in ("gallery", "classes", "rows") if getattr(args, name) is not None}
@@ -346,6 +351,16 @@ def _check_run(location: str) -> None:
 
     if not RunStore(location).is_file("run.json"):
         raise CommandError(f"{location} is not an lrpscale run (no run.json)")
+
+
+def _warn_if_incomplete(location: str) -> None:
+    """A reduce or report of an unfinished run works, and says so."""
+    from lrpscale.results import Run
+
+    _check_run(location)
+    note = Run(location).incomplete_note()
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -139,6 +139,7 @@ class RunConfig:
     actor_resources: dict | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     tf32: bool = False
+    follow_external_links: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self):
@@ -158,6 +159,7 @@ class RunConfig:
             "actor_resources": _actor_resources("actor_resources", self.actor_resources),
             "max_pixels": _positive_int("max_pixels", self.max_pixels, optional=True),
             "tf32": _bool("tf32", self.tf32),
+            "follow_external_links": _bool("follow_external_links", self.follow_external_links),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

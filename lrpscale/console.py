@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-from lrpscale.run.audit import Progress, ProgressCallback, log_progress
+from lrpscale.run.progress import Progress, ProgressCallback, log_progress
 
 
 def configure_logging(stream: TextIO = sys.stderr, level: int = logging.INFO) -> None:
@@ -37,8 +37,7 @@ def progress_display(stream: TextIO = sys.stderr, every: float = 5.0) -> Iterato
         def show_bar(progress: Progress) -> None:
             nonlocal bar
             if bar is None:
-                bar = tqdm(total=progress.total, initial=progress.done - 1, unit="img", file=stream,
-                           dynamic_ncols=True, smoothing=0.1)
+                bar = tqdm(total=progress.total, unit="img", file=stream, dynamic_ncols=True, smoothing=0.1)
             bar.update(progress.done - bar.n)
             bar.set_postfix(errors=progress.errors, refresh=False)
 

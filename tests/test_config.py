@@ -11,7 +11,7 @@ import pytest
 
 from lrpscale.config import AnalysisConfig, ConfigError, RunConfig, load_settings
 
-# Today's defaults, written out by hand from lrpscale/analyze.py and lrpscale/pipeline.py: they are
+# Today's defaults, written out by hand from the configs as they were before they moved to lrpscale/config.py: they are
 # hashed into run ids, so a change here is a change of every default run's id.
 ANALYSIS_DEFAULTS = {
     "composite": "epsilon-gamma-box", "sweep_layers": None, "ks": [1, 4, 16, 64], "score_metric": "smape",
@@ -21,7 +21,7 @@ ANALYSIS_DEFAULTS = {
 RUN_DEFAULTS = {
     "input": "in", "output": "out", "model": "vgg16", "weights": None, "input_kind": None, "image_size": None,
     "batch_size": 16, "shard_size": 256, "num_actors": None, "actor_resources": None, "max_pixels": 89_478_485,
-    "tf32": False, "analysis": ANALYSIS_DEFAULTS,
+    "tf32": False, "follow_external_links": False, "analysis": ANALYSIS_DEFAULTS,
 }
 
 BAD_ANALYSIS = [

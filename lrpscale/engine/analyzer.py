@@ -158,8 +158,6 @@ class Analyzer:
         if missing:
             raise ValueError(f"deconvolution layers {missing} must be path or sweep layers (their selected neurons "
                              "are what gets reconstructed)")
-        if self.config.target not in ("pred", "label"):
-            raise ValueError(f"target must be 'pred' or 'label', got {self.config.target!r}")
 
     @torch.no_grad()
     def __call__(self, x: Tensor, labels: Tensor | None = None) -> BatchAnalysis:

@@ -1,6 +1,6 @@
 """Critical paths: how relevance flows between the selected neurons of consecutive path layers.
 
-DESIGN.md section 3.7. Nodes are (layer, neuron) for the selected neurons of the path layers and
+docs/method.md §10. Nodes are (layer, neuron) for the selected neurons of the path layers and
 the output class. Edge (lower i) -> (upper j) carries the relevance neuron i receives when only
 neuron j's relevance is propagated down to the lower path layer; all j of a layer pair go down
 as one batch of masks.

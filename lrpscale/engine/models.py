@@ -20,8 +20,11 @@ import torch
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
-VGG_NAMES = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+from lrpscale.config import MODEL_NAMES
+
+VGG_NAMES = MODEL_NAMES
 _CFG_OF = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+VGG_CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}  # conv layers of each architecture
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -218,6 +221,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    with path.open("rb") as file:
+        head = file.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80);
+    # anything else is no torch file, and calling it pickled code would mislead
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise WeightsError(f"{path} is not a torch weights file ({path.stat().st_size} bytes in another format); "
+                           "pass a state dict saved with torch.save(model.state_dict(), path)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -232,6 +242,23 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     return state
+
+
+def _mismatch(state: dict[str, torch.Tensor], model: nn.Module, error: RuntimeError) -> str:
+    """Why a state dict does not load into ``model``, in words: the architecture it was saved
+    from where the conv layers tell, else torch's first complaint (its first line ends at a colon)."""
+    def layout(keys) -> tuple[int, bool]:
+        convs = sum(1 for k in keys if re.fullmatch(r"features\.\d+\.weight", k) and k.replace("weight", "running_mean") not in keys)
+        return convs, any(k.endswith("running_mean") for k in keys)
+
+    found, expected = layout(set(state)), layout(set(model.state_dict()))
+    if found != expected:
+        names = {(count, bn): f"{base}{'_bn' if bn else ''}" for base, count in VGG_CONVS.items() for bn in (False, True)}
+        saved = names.get(found, f"a VGG with {found[0]} conv layers")
+        return (f"it holds {found[0]} conv layers{' with BatchNorm' if found[1] else ''} ({saved}); this model has "
+                f"{expected[0]}: pass --model {saved}" if found in names else f"it holds {saved}")
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return lines[0] if lines else str(error)
 
 
 def _vgg_shape_from_state(state: dict[str, torch.Tensor]) -> dict:
@@ -320,7 +347,7 @@ def load_model(
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            raise WeightsError(f"{weights} does not fit {name}: {str(error).splitlines()[0]}") from None
+            raise WeightsError(f"{weights} does not fit {name}: {_mismatch(state, model, error)}") from None
         weights_id = file_sha256(weights)
     model.eval()
     fold_batchnorm(model)

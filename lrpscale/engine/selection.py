@@ -1,6 +1,6 @@
 """Neuron selection: channel relevance, top-k, the k sweep and its MSE/SMAPE scores, choosing k.
 
-DESIGN.md section 3.3-3.6. A neuron is a channel of a conv layer or a unit of a linear layer.
+docs/method.md §7-§9. A neuron is a channel of a conv layer or a unit of a linear layer.
 The k sweep restricts the relevance at one layer to its top-k neurons for every k at once (one
 batch of masks, one backward pass from that layer down) and scores the restricted heatmaps
 against the full one.

@@ -5,6 +5,7 @@ Runs in Ray's CPU tasks, so it imports no torch.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from lrpscale.config import DEFAULT_MAX_PIXELS
-from lrpscale.inputs.preprocess import preprocess
+from lrpscale.inputs.preprocess import as_displayed, preprocess
 from lrpscale.inputs.sources import ERROR_COLUMNS, ERROR_FIELDS, LOCATOR_COLUMNS, InputError, Locator, get_source
 
 
@@ -33,22 +34,58 @@ def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
 
 
 def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded image bytes -> a fully loaded PIL image in its own mode; raises InputError (stage "decode")."""
+    """Encoded image bytes -> a fully loaded PIL image in its own mode, turned as displayed (its
+    EXIF orientation applied, see ``as_displayed``); raises InputError (stage "decode").
+
+    Messages say what went wrong and how big the data is, never what it contains: the bytes may
+    come from any file a link points at.
+    """
     try:
         with _pixel_limit(max_pixels):
             image = Image.open(io.BytesIO(data))
             image.load()  # decode every pixel now, so a truncated file fails here
-        return image
+        return as_displayed(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError("decode", "decompression_bomb", f"more than max_pixels={max_pixels} pixels "
-                         f"(PIL: {error}); raise max_pixels if the image is genuine") from None
+                         f"(PIL: {_without_bytes(str(error))}); raise max_pixels (--set max_pixels=N on the command "
+                         f"line) if the image is genuine") from None
     except Image.UnidentifiedImageError:
-        raise InputError("decode", "not_an_image", f"{len(data)} bytes that PIL cannot identify as an "
-                         f"image (they start {data[:12]!r})") from None
+        raise InputError("decode", "not_an_image", f"{len(data)} bytes that PIL cannot identify as an image"
+                         f"{_looks_like(data)}") from None
     except Exception as error:  # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, ...
         truncated = isinstance(error, EOFError) or "truncated" in str(error).lower()
         raise InputError("decode", "truncated" if truncated else "corrupt",
-                         f"{type(error).__name__}: {error}") from None
+                         f"{type(error).__name__}: {_without_bytes(str(error))} ({len(data)} bytes)") from None
+
+
+# What undecodable data may be, told from its first bytes by name only (never quoting them)
+_KNOWN_KINDS = ((b"\x1f\x8b", "gzip-compressed data"), (b"PK\x03\x04", "a zip archive"), (b"%PDF", "a PDF document"),
+                (b"\x28\xb5\x2f\xfd", "zstd-compressed data"), (b"BZh", "bzip2-compressed data"),
+                (b"\xfd7zXZ\x00", "xz-compressed data"), (b"\x7fELF", "an executable (ELF)"))
+
+
+def _looks_like(data: bytes) -> str:
+    """A phrase saying what data that is not an image seems to be ("; it looks like text"), or ""."""
+    kind = next((name for magic, name in _KNOWN_KINDS if data.startswith(magic)), None)
+    if kind is None and data[257:262] == b"ustar":
+        kind = "a tar archive"
+    if kind is None and _reads_as_text(data[:4096]):
+        kind = "text"
+    return f"; it looks like {kind}" if kind else ""
+
+
+def _reads_as_text(head: bytes) -> bool:
+    """Whether bytes read as UTF-8 text without control characters (but tabs and line breaks);
+    a multi-byte character cut at the end of ``head`` still counts."""
+    text = head.decode("utf-8", errors="ignore")
+    return bool(text) and len(text.encode("utf-8")) >= len(head) - 3 and all(
+        char.isprintable() or char in "\t\n\r" for char in text)
+
+
+def _without_bytes(text: str) -> str:
+    """An error message with any Python bytes literal in it (``b'...'``, as some PIL plugins quote
+    the chunk they stumbled on) replaced by ``<bytes>``, so file contents never reach a table."""
+    return re.sub(r"""b(['"])(?:\\.|(?!\1).)*\1""", "<bytes>", text)
 
 
 def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float],
@@ -90,7 +127,7 @@ def _model_input(data: bytes, image_size: int, mean: Sequence[float], std: Seque
         return preprocess(image, image_size, mean, std)
     except Exception as error:
         raise InputError("preprocess", "unconvertible", f"{image.mode} image of size {image.size}: "
-                         f"{type(error).__name__}: {error}") from None
+                         f"{type(error).__name__}: {_without_bytes(str(error))}") from None
 
 
 def split_errors(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -117,7 +154,7 @@ def _read_rows(batch: dict[str, np.ndarray], indices: list[int]) -> dict[int, by
             values = get_source(source).read(path, locators)
         except Exception as error:  # a reader bug or an odd file system must not sink the batch
             values = [InputError("read", "unreadable", f"{source} reader failed on {path}: "
-                                 f"{type(error).__name__}: {error}")] * len(rows)
+                                 f"{type(error).__name__}: {_without_bytes(str(error))}")] * len(rows)
         results.update(zip(rows, values))
     return results
 

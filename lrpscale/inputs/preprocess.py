@@ -1,10 +1,24 @@
-"""Turning a decoded image into the model's input: RGB, resize, centre crop, normalise."""
+"""Turning a decoded image into the model's input: as displayed (EXIF orientation), RGB, resize,
+centre crop, normalise."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+
+def as_displayed(image: Image.Image) -> Image.Image:
+    """A PIL image -> the image as viewers show it: turned or mirrored by its EXIF Orientation tag
+    (cameras store portrait photos sideways and set the tag), with the tag removed, so applying
+    this twice changes nothing. Without a tag other than 1, the same image object comes back."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # malformed EXIF: viewers cannot read the tag either and show the image as stored
+        return image
+    if orientation not in range(2, 9):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -25,9 +39,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """PIL image -> (3, size, size) float32: shorter side resized to ``size`` (bilinear),
-    centre-cropped to a square, scaled to [0, 1] and normalised per channel."""
-    image = to_rgb(image)
+    """PIL image -> (3, size, size) float32: turned as displayed (``as_displayed``), shorter side
+    resized to ``size`` (bilinear), centre-cropped to a square, scaled to [0, 1] and normalised
+    per channel."""
+    image = to_rgb(as_displayed(image))
     width, height = image.size
     scale = size / min(width, height)
     resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)

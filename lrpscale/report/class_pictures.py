@@ -58,8 +58,8 @@ def write_class_pictures(run: str | Path | Run) -> list[str]:
                                    layer_labels=labels, size_attr="frequency", width_attr="relevance")
         save(figure, f"graphs/{by}-{safe_name(cls)}.png")
     curves = run.k_curves
-    fidelity = curves[(curves["variant"] == "fidelity")
-                      & [(b, c) in pictured for b, c in zip(curves["by"], curves["class"])]]
+    shown = np.array([(b, c) in pictured for b, c in zip(curves["by"], curves["class"])], dtype=bool)
+    fidelity = curves[(curves["variant"] == "fidelity").to_numpy() & shown]
     for (by, layer), group in fidelity.groupby(["by", "layer"]):
         ks = sorted(group["k"].unique())
         scores = {}

@@ -76,9 +76,13 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
                 ("errors", "Errors", _errors_section(run, rows))]
     if compare is not None:
         before = compare if isinstance(compare, Run) else Run(compare)
-        sections.append(("comparison", "Comparison", _comparison_section(compare_runs(before, run), before, run,
-                                                                          rows)))
+        comparison = compare_runs(before, run)
+        sections.append(("comparison", "Comparison", _comparison_section(comparison, before, run, rows)))
     title = f"lrpscale report: run {run.info.get('run_id', run.store.location)}"
+    notes = [note for note in (run.incomplete_note(),) if note]
+    if compare is not None:
+        notes += comparison.summary.get("warnings", [])
+    warnings = "".join(f'<p class="warning" role="alert">{html.escape(note)}</p>\n' for note in notes)
     nav = " ".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name, _ in sections)
     body = "\n".join(f'<section id="{key}">\n<h2>{html.escape(name)}</h2>\n{content}\n</section>'
                      for key, name, content in sections)
@@ -86,7 +90,7 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            f"<header><h1>{html.escape(title)}</h1><nav>{nav}</nav></header>\n<main>\n{body}\n</main>\n"
+            f"<header><h1>{html.escape(title)}</h1><nav>{nav}</nav></header>\n<main>\n{warnings}{body}\n</main>\n"
             f"<footer>lrpscale {__version__}, {html.escape(generated)}; {html.escape(str(run.path))}</footer>\n"
             "</body>\n</html>\n")
 
@@ -438,6 +442,7 @@ STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #222; background: #fafafa; }
 header { background: #263238; color: #fff; padding: 12px 24px; position: sticky; top: 0; z-index: 1; }
 header h1 { font-size: 20px; margin: 0 0 6px 0; font-weight: 600; }
+.warning { background: #fff3e0; border-left: 4px solid #e65100; padding: 8px 12px; margin: 12px 0; }
 nav a { color: #b3e5fc; margin-right: 16px; text-decoration: none; font-size: 14px; }
 main { padding: 8px 24px 24px; max-width: 1400px; }
 section { margin-top: 24px; }

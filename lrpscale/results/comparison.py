@@ -46,7 +46,10 @@ class Comparison:
     def text(self, rows: int = 10) -> str:
         """A readable summary: headline numbers, the classes that drifted most, the images that changed most."""
         s = self.summary
-        lines = [f"run {s['run_a']} ({s['model_a']}) -> run {s['run_b']} ({s['model_b']})",
+        lines = [f"warning: {warning}" for warning in s.get("warnings", [])]
+        lines += [f"run {s['run_a']} ({s['model_a']}, {s['architecture_a']}, {s['completeness_a']}) -> "
+                  f"run {s['run_b']} ({s['model_b']}, {s['architecture_b']}, {s['completeness_b']})",
+                 f"classes: {s['classes_common']} in both, {s['classes_only_a']} only in A, {s['classes_only_b']} only in B",
                  f"images: {s['images_a']} -> {s['images_b']}, {s['images_common']} in both",
                  f"accuracy: {percent(s['accuracy_a'])} -> {percent(s['accuracy_b'])}",
                  f"predictions changed: {s['prediction_changed']} of {s['images_common']}",
@@ -55,7 +58,7 @@ class Comparison:
                  f"edges {s['mean_edge_jaccard']:.3f}", ""]
         if len(self.classes):
             lines.append("classes whose explanation drifted most (lowest summary-heatmap cosine):")
-            columns = ["class", "accuracy_change", "heatmap_cosine", "node_jaccard", "edge_jaccard", "k_change",
+            columns = ["class", "present", "accuracy_change", "heatmap_cosine", "node_jaccard", "edge_jaccard", "k_change",
                        "smape_change"]
             lines.append(self.classes.nsmallest(rows, "heatmap_cosine")[columns].to_string(
                 index=False, float_format=lambda v: f"{v:.3f}"))
@@ -87,8 +90,21 @@ def compare_runs(a: str | Path | Run, b: str | Path | Run, top_nodes: int = 8,
     for run in (run_a, run_b):
         if not run.is_reduced:
             reduce_run(run.store)
+    labels_a, labels_b = (set(_class_table(run)) for run in (run_a, run_b))
+    if not labels_a & labels_b:
+        raise ValueError(f"the runs share no class: A has {_listed(labels_a)}, B has {_listed(labels_b)}; "
+                         "a comparison needs the same classes (the same labels) in both")
+    warnings = [f"{name} {note}" for name, run in (("A:", run_a), ("B:", run_b)) if (note := run.incomplete_note())]
+    same_architecture = run_a.architecture == run_b.architecture
+    if not same_architecture:
+        warnings.append(f"the runs use different architectures ({run_a.architecture} vs {run_b.architecture}): "
+                        "their neurons are not the same neurons, so no critical-path overlap is computed")
+    if labels_a != labels_b:
+        warnings.append(f"{len(labels_a - labels_b)} classes only in A, {len(labels_b - labels_a)} only in B: "
+                        "they are marked as such and left out of the means")
     images = _compare_images(run_a, run_b)
-    classes = _compare_classes(run_a, run_b, top_nodes, min_edge_frequency)
+    classes = _compare_classes(run_a, run_b, top_nodes, min_edge_frequency, same_architecture)
+    both = classes[classes["present"] == "both"]
     accuracy = {key: _accuracy(run) for key, run in (("a", run_a), ("b", run_b))}
     summary = {
         "run_a": run_a.info.get("run_id"), "run_b": run_b.info.get("run_id"),
@@ -99,8 +115,13 @@ def compare_runs(a: str | Path | Run, b: str | Path | Run, top_nodes: int = 8,
         "accuracy_a": accuracy["a"][0], "accuracy_b": accuracy["b"][0],
         "prediction_changed": int(images["prediction_changed"].sum()),
         "mean_heatmap_cosine": _mean(images["heatmap_cosine"]),
-        "mean_node_jaccard": _mean(classes["node_jaccard"]), "mean_edge_jaccard": _mean(classes["edge_jaccard"]),
-        "classes": len(classes),
+        "mean_node_jaccard": _mean(both["node_jaccard"]), "mean_edge_jaccard": _mean(both["edge_jaccard"]),
+        "classes": len(classes), "classes_common": len(both), "classes_only_a": len(labels_a - labels_b),
+        "classes_only_b": len(labels_b - labels_a),
+        "architecture_a": run_a.architecture, "architecture_b": run_b.architecture,
+        "complete_a": run_a.is_complete, "complete_b": run_b.is_complete,
+        "completeness_a": _completeness(run_a), "completeness_b": _completeness(run_b),
+        "warnings": warnings,
     }
     return Comparison(summary, classes, images)
 
@@ -127,9 +148,9 @@ def _compare_images(run_a: Run, run_b: Run) -> pd.DataFrame:
     columns = ["image_id", "label", "pred", "heatmap", "heatmap_scale"]
     parts = []
     if files_b and run_a.files("images"):
-        dataset_b = ds.dataset(files_b, format="parquet")
-        for batch in ds.dataset(run_a.files("images"), format="parquet").to_batches(columns=columns,
-                                                                                   batch_size=BATCH):
+        dataset_b = ds.dataset(files_b, format="parquet", filesystem=run_b.store.fs)
+        dataset_a = ds.dataset(run_a.files("images"), format="parquet", filesystem=run_a.store.fs)
+        for batch in dataset_a.to_batches(columns=columns, batch_size=BATCH):
             ids = batch.column("image_id")
             # row-group statistics on image_id prune the files of b when both runs list in the same order
             other = dataset_b.to_table(columns=columns, filter=ds.field("image_id").isin(ids))
@@ -184,14 +205,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cosine)
 
 
-def _compare_classes(run_a: Run, run_b: Run, top_nodes: int, min_edge_frequency: float) -> pd.DataFrame:
-    """One row per class (by label) present in either run."""
+def _compare_classes(run_a: Run, run_b: Run, top_nodes: int, min_edge_frequency: float,
+                     same_architecture: bool = True) -> pd.DataFrame:
+    """One row per class (by label) present in either run; ``present`` says where ("both",
+    "A only", "B only"). Overlaps are computed only for classes in both runs of one architecture
+    (elsewhere NaN, not 0: a class that is missing did not change)."""
     heat_a, heat_b = (_class_table(run) for run in (run_a, run_b))
     scores = {key: _chosen_scores(run).groupby("label").agg(k=("k", "mean"), smape=("smape", "mean"))
               for key, run in (("a", run_a), ("b", run_b))}
     rows = []
     for cls in sorted(set(heat_a) | set(heat_b), key=class_order):
-        row = {"class": cls}
+        row = {"class": cls, "present": "both" if cls in heat_a and cls in heat_b else ("A only" if cls in heat_a else "B only")}
         for key, heat in (("a", heat_a), ("b", heat_b)):
             images, accuracy, _ = heat.get(cls, (0, np.nan, None))
             row[f"images_{key}"], row[f"accuracy_{key}"] = images, accuracy
@@ -204,13 +228,16 @@ def _compare_classes(run_a: Run, run_b: Run, top_nodes: int, min_edge_frequency:
             row["heatmap_mse"] = float(((map_a - map_b) ** 2).mean())
         else:
             row["heatmap_cosine"] = row["heatmap_mse"] = np.nan
-        graph_a = run_a.class_graph(cls, "label", top_nodes, min_edge_frequency)
-        graph_b = run_b.class_graph(cls, "label", top_nodes, min_edge_frequency)
-        nodes = [{n for n in g.nodes if n[0] != OUTPUT} for g in (graph_a, graph_b)]
-        row["node_jaccard"] = _jaccard(*nodes)
-        row["edge_jaccard"] = _jaccard(set(graph_a.edges), set(graph_b.edges))
+        if row["present"] == "both" and same_architecture:
+            graph_a = run_a.class_graph(cls, "label", top_nodes, min_edge_frequency)
+            graph_b = run_b.class_graph(cls, "label", top_nodes, min_edge_frequency)
+            nodes = [{n for n in g.nodes if n[0] != OUTPUT} for g in (graph_a, graph_b)]
+            row["node_jaccard"] = _jaccard(*nodes)
+            row["edge_jaccard"] = _jaccard(set(graph_a.edges), set(graph_b.edges))
+        else:
+            row["node_jaccard"] = row["edge_jaccard"] = np.nan
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=["class", "images_a", "images_b", "accuracy_a", "accuracy_b", "heatmap_cosine",
+    frame = pd.DataFrame(rows, columns=["class", "present", "images_a", "images_b", "accuracy_a", "accuracy_b", "heatmap_cosine",
                                         "heatmap_mse", "node_jaccard", "edge_jaccard", "k_a", "k_b", "smape_a",
                                         "smape_b"])
     for measure in ("accuracy", "k", "smape"):
@@ -232,6 +259,15 @@ def _class_table(run: Run) -> dict[str, tuple[int, float, np.ndarray]]:
 def _jaccard(a: set, b: set) -> float:
     """|a & b| / |a | b|; 1 for two empty sets (nothing changed)."""
     return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _completeness(run: Run) -> str:
+    return "complete" if run.is_complete else f"incomplete, {run.committed_shards} of {run.info.get('shards', '?')} shards"
+
+
+def _listed(labels: set) -> str:
+    names = sorted(labels, key=class_order)
+    return ", ".join(map(repr, names[:8])) + (f", ... ({len(names)} classes)" if len(names) > 8 else "") if names else "none"
 
 
 def _mean(values: pd.Series) -> float:

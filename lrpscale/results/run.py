@@ -44,6 +44,28 @@ class Run:
         """Module name -> VGG alias (features.28 -> conv5_3), as the audit recorded it."""
         return dict(self.info.get("layers") or {})
 
+    @property
+    def committed_shards(self) -> int:
+        return len(self.store.committed())
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether every shard of the run's listing is committed (a crashed or running run is not)."""
+        shards = self.info.get("shards")
+        return self.info.get("status") == "complete" and shards is not None and self.committed_shards >= shards
+
+    def incomplete_note(self) -> str | None:
+        """One line saying the run is incomplete and what that means, or None for a complete run."""
+        if self.is_complete:
+            return None
+        return (f"run {self.info.get('run_id')} at {self.store.location} is incomplete: {self.committed_shards} of "
+                f"{self.info.get('shards', '?')} shards committed (status {self.info.get('status')}); its results "
+                "cover those shards only. Run the same `lrpscale run` command to finish it")
+
+    @property
+    def architecture(self) -> str | None:
+        return (self.info.get("config") or {}).get("model")
+
     def files(self, table: str) -> list[str]:
         return self.store.committed_files(table)
 

@@ -79,6 +79,9 @@ class AnalyzerActor:
         out = []
         for position, i in enumerate(indices):
             try:
+                if self.config.target == "label" and labels[position] is None:
+                    raise ValueError(f"label {_text(batch['label'][i])!r} is not one of the model's classes "
+                                     "(target is the label)")
                 out.extend(self._records(pixels[position:position + 1], labels[position:position + 1]))
             except Exception as error:  # the image, not the run, fails
                 out.append({"error_stage": "analyze", "error_type": type(error).__name__,

@@ -17,7 +17,6 @@ import os
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,9 +26,11 @@ import pyarrow.compute as pc
 
 from lrpscale import __version__
 from lrpscale.config import RunConfig
+from lrpscale.engine.analyzer import Analyzer
 from lrpscale.engine.models import input_normalization, layer_aliases, load_model
 from lrpscale.inputs import decoding, sources
-from lrpscale.run.actor import AnalyzerActor
+from lrpscale.run.actor import AnalyzerActor, label_indices
+from lrpscale.run.progress import Meter, ProgressCallback, log_progress
 from lrpscale.run.session import default_actors, ensure_ray
 from lrpscale.storage import tables
 from lrpscale.storage.store import RunStore
@@ -44,16 +45,20 @@ def fingerprint(config: RunConfig, model_id: str) -> dict:
             "schema_version": tables.SCHEMA_VERSION}
 
 
-def run_id_for(fingerprint: dict) -> str:
-    """Stable id of a run: model weights, analysis config, schema and code version."""
-    key = {k: v for k, v in fingerprint.items() if k not in ("input", "input_kind")}
-    key["lrpscale"] = __version__
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+def run_id_for(run_key: dict) -> str:
+    """Stable id of a run from its ``fingerprint``: model weights, analysis config, schema and
+    code version (not the input: re-analysis adds new images to the same run)."""
+    hashed = {k: v for k, v in run_key.items() if k not in ("input", "input_kind")}
+    hashed["lrpscale"] = __version__
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
 class RunSummary:
-    output: Path
+    """What one start of an audit did: where the run is (a Path when local), its id, the inputs
+    listed, the images and errors committed in all, and what this start analysed and how fast."""
+
+    output: Path | str
     run_id: str
     images: int
     ok: int
@@ -63,54 +68,9 @@ class RunSummary:
     already_complete: bool = False
     warmup_seconds: float = 0.0  # start-up until the first results reached the driver
 
-
     @property
     def images_per_second(self) -> float:
         return self.analysed_now / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class Progress:
-    """Where an audit stands: images done of the total (committed before this start included),
-    errors among them, and the rate of this start."""
-
-    done: int
-    total: int
-    errors: int
-    images_per_second: float
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-class _Meter:
-    """Counts results as they reach the driver and hands a ``Progress`` to ``report``."""
-
-    def __init__(self, total: int, already: int, report: ProgressCallback | None):
-        self.total, self.done, self.errors, self.now = total, already, 0, 0
-        self.start = time.time()
-        self.report = report
-
-    def update(self, rows: int, errors: int) -> None:
-        self.done += rows
-        self.now += rows
-        self.errors += errors
-        if self.report:
-            rate = self.now / max(time.time() - self.start, 1e-9)
-            self.report(Progress(self.done, self.total, self.errors, rate))
-
-
-def log_progress(every: float = 5.0) -> ProgressCallback:
-    """A progress callback that logs one line every ``every`` seconds, and the last one."""
-    last = [0.0]
-
-    def report(progress: Progress) -> None:
-        if time.time() - last[0] >= every or progress.done >= progress.total:
-            last[0] = time.time()
-            log.info("%d/%d images (%.0f%%), %.1f img/s, %d errors", progress.done, progress.total,
-                     100 * progress.done / max(progress.total, 1), progress.images_per_second, progress.errors)
-
-    return report
 
 
 def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = False,
@@ -132,20 +92,29 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     model = load_model(config.model, config.weights)
     mean, std = input_normalization(model)
     config = replace(config, image_size=config.image_size or model.lrpscale_image_size)
-    print_id = fingerprint(config, model.lrpscale_model_id)
-    run_id = run_id_for(print_id)
+    try:  # unknown layer names fail here, not inside every actor
+        Analyzer(model, config.analysis)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"analysis: {error.args[0] if error.args else error}") from None
+    key = fingerprint(config, model.lrpscale_model_id)
+    run_id = run_id_for(key)
     previous = store.read_json()
-    if previous and (overwrite or previous.get("fingerprint") != print_id):
-        if not overwrite:
+    if previous and (overwrite or previous.get("fingerprint") != key):
+        if not overwrite and store.committed():
             raise RuntimeError(f"{store.location} holds a run with another model, input or configuration "
                                f"(run {previous.get('run_id')}); choose another --output or pass --overwrite")
+        if not overwrite:
+            log.info("%s: run %s committed nothing; starting again with this configuration",
+                     store.location, previous.get("run_id"))
         store.remove()
         previous = None
 
     if not store.has_listing():
-        store.write_listing(_sharded(sources.list_inputs(config.input, config.input_kind), 0, config.shard_size))
+        listing = _sharded(_list(config), 0, config.shard_size)
+        check_labels(listing, model, config.analysis.target)
+        store.write_listing(listing)
     elif new_inputs:
-        _add_new_inputs(store, sources.list_inputs(config.input, config.input_kind), config.shard_size)
+        _add_new_inputs(store, _list(config), config.shard_size)
     listing = store.read_listing()
     shard_ids = listing.column("shard").to_numpy()
     all_shards = set(np.unique(shard_ids).tolist())
@@ -153,7 +122,7 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     pending = sorted(all_shards - committed)
     store.discard_uncommitted(set(pending))
     output = store.local_path() or store.location
-    base = {"run_id": run_id, "fingerprint": print_id, "config": config.to_dict(),
+    base = {"run_id": run_id, "fingerprint": key, "config": config.to_dict(),
             "model_id": model.lrpscale_model_id, "composite": config.analysis.composite,
             "layers": {name: alias for alias, name in layer_aliases(model).items()},
             "versions": _versions(), "input": os.path.abspath(config.input), "images": listing.num_rows,
@@ -185,7 +154,7 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
 
     pieces: dict[int, list[pa.Table]] = defaultdict(list)
     seen: dict[int, set[str]] = defaultdict(set)
-    meter = _Meter(listing.num_rows, sum(expected[s] for s in committed), report)
+    meter = Meter(listing.num_rows, sum(expected[s] for s in committed), report)
     side = min(config.analysis.heatmap_size, config.image_size)
     deconv_side = min(config.analysis.deconv_size, config.image_size)
     first_result = None
@@ -221,6 +190,34 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
                       "ok": counts["ok"], "errors": counts["errors"]})
     return RunSummary(output, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed,
                       warmup_seconds=(first_result or time.time()) - started)
+
+
+def check_labels(listing: pa.Table, model, target: str) -> None:
+    """With ``target="label"``, refuse an input none of whose labels is a class of the model (every
+    image would fail the same way), naming the labels found and the model's classes; warn when
+    only some are not (those images become error rows)."""
+    if target != "label":
+        return
+    listed = listing.filter(pc.is_null(listing.column("error_stage")))
+    labels = sorted({label for label in listed.column("label").to_pylist()}, key=lambda v: (v is None, str(v)))
+    indices = label_indices(labels, model.lrpscale_classes, model.classifier[-1].out_features)
+    unknown = [label for label, index in zip(labels, indices) if index is None]
+    classes = model.lrpscale_classes or [str(i) for i in range(model.classifier[-1].out_features)]
+    shown = ", ".join(map(repr, classes[:10])) + (f", ... ({len(classes)} classes)" if len(classes) > 10 else "")
+    if labels == [None]:
+        raise ValueError("--target label, but the input has no labels (a folder's images must sit in class "
+                         "subfolders; a manifest needs a label column); pass --target pred")
+    if len(unknown) == len(labels):
+        found = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} labels)" if len(labels) > 10 else "")
+        raise ValueError(f"--target label, but none of the input's labels ({found}) is a class of the model "
+                         f"({shown}); name the class folders as the model's classes, or pass --target pred")
+    if unknown:
+        log.warning("%d labels are not classes of the model (%s): their images become error rows",
+                    len(unknown), ", ".join(map(repr, unknown[:5])))
+
+
+def _list(config: RunConfig) -> pa.Table:
+    return sources.list_inputs(config.input, config.input_kind, follow_external_links=config.follow_external_links)
 
 
 def _sharded(listing: pa.Table, first_shard: int, shard_size: int) -> pa.Table:

@@ -17,9 +17,9 @@ walk is, cut into shards of 256 and committed shard by shard (``tables.split_res
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from lrpscale.run.audit import _versions, fingerprint, run_id_for
 from lrpscale.storage import tables
 from lrpscale.storage.store import LISTING, RunStore
 
+log = logging.getLogger(__name__)
 IMAGENET_TRAIN = 1_281_167
 MODEL_ID = "vgg16:synthetic"
 # VGG16 (torchvision names): the path layers bottom to top with their widths, and the swept layer
@@ -338,8 +339,7 @@ def generate_run(root: str | Path, images: int = IMAGENET_TRAIN, classes: int = 
             for done, (_, b, w) in enumerate(pool.imap_unordered(_write_shard, range(shards), chunksize=4), 1):
                 build, write = build + b, write + w
                 if progress and done % 200 == 0:
-                    print(f"[synthetic] {done}/{shards} shards, {time.time() - started:.0f} s", file=sys.stderr,
-                          flush=True)
+                    log.info("%d/%d shards, %.0f s", done, shards, time.time() - started)
     else:
         _init_worker(*init)
         for shard in range(shards):

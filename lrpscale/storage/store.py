@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,12 +106,20 @@ class RunStore:
     def check_location(self, input_spec: str) -> None:
         """Refuse a location that would mix the run with other files: a file, a folder inside the
         input (or the input itself), or a folder that holds other files and no run."""
-        source_fs, source = resolve(input_spec.split("*")[0].split("{")[0] or ".")
+        # a pattern's folder is what lies before its first wildcard
+        source_fs, source = resolve(re.split(r"[*?\[{]", input_spec)[0] or ".")
         if type(source_fs) is type(self.fs) and (self.root == source or self.root.startswith(source.rstrip("/") + "/")):
             raise ValueError(f"--output {self.location} lies inside --input {input_spec}: the run's files would "
                              "mix with the images; choose an output folder outside the input")
         if self.is_file():
             raise ValueError(f"--output {self.location} is a file, not a folder; choose a new or empty folder")
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            existing = Path(self.root)
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise ValueError(f"--output {self.location}: cannot write to {existing} (permission denied); "
+                                 "choose a folder you can write to")
         if not self.is_run() and self.entries():
             raise ValueError(f"--output {self.location} is not empty and holds no lrpscale run; lrpscale does not "
                              "write into a folder of other files: choose a new or empty folder")
@@ -185,8 +194,8 @@ class RunStore:
 
     def committed(self) -> set[int]:
         """The shards whose commit marker exists."""
-        return {int(entry.base_name[5:-5]) for entry in self.entries(COMMITS)
-                if entry.base_name.startswith("part-") and entry.base_name.endswith(".json")}
+        return {int(match.group(1)) for entry in self.entries(COMMITS)
+                if (match := re.fullmatch(r"part-(\d+)\.json", entry.base_name))}
 
     def committed_files(self, table: str) -> list[str]:
         """The Parquet files of a table whose shards are committed (a crashed shard's are not), sorted."""

@@ -1,4 +1,4 @@
-"""The LRP engine against zennit, and the invariants LRP must keep (DESIGN.md section 3)."""
+"""The LRP engine against zennit, and the invariants LRP must keep (docs/method.md §3-§6)."""
 from __future__ import annotations
 
 import copy
@@ -25,9 +25,16 @@ def _raw_model(name: str, seed: int) -> torch.nn.Module:
     return randomize_batchnorm(model) if name.endswith("_bn") else model
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
-@pytest.mark.parametrize("name,seed,size", [("vgg16", 0, 64), ("vgg16", 1, 96), ("vgg11_bn", 2, 64),
-                                            ("vgg11_bn", 3, 80)])
+def _zennit_cases():
+    """Each composite on VGG16 and the BatchNorm-folded VGG11 with the default composite in
+    ``make test-fast``; the other composites, sizes and seeds in the full suite."""
+    for name, seed, size in (("vgg16", 0, 64), ("vgg11_bn", 2, 64), ("vgg16", 1, 96), ("vgg11_bn", 3, 80)):
+        for composite in COMPOSITES:
+            fast = (name, seed) == ("vgg16", 0) or (seed == 2 and composite == "epsilon-gamma-box")
+            yield pytest.param(composite, name, seed, size, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("composite,name,seed,size", _zennit_cases())
 def test_heatmap_and_layers_equal_zennit(composite, name, seed, size):
     model = _raw_model(name, seed)
     x = _images(seed, size=size)
@@ -41,6 +48,7 @@ def test_heatmap_and_layers_equal_zennit(composite, name, seed, size):
         assert relative_max_diff(normalized(relevance), normalized(theirs_layers[layer])) < 1e-5, layer
 
 
+@pytest.mark.slow  # full-size VGG weights: seconds to build and save
 def test_full_size_vgg16_equals_zennit(vgg16):
     x = _images(7, n=1, size=224)
     explainer = lrpscale.Explainer(vgg16)
@@ -63,7 +71,8 @@ def test_explicit_targets_and_initial_relevance(vgg16):
         explainer.explain(x, target=1000)
 
 
-@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("composite", [pytest.param(c, marks=pytest.mark.slow) if c.endswith("-flat") else c
+                                       for c in COMPOSITES])  # the -flat variants in the full suite only
 def test_conservation_without_biases(composite):
     model = _raw_model("vgg16", 4)
     with torch.no_grad():
@@ -100,6 +109,7 @@ def test_determinism(vgg16):
     assert torch.equal(explainer.explain(x).relevance, explainer.explain(x).relevance)
 
 
+@pytest.mark.slow  # full-size VGG weights: seconds to build and save
 def test_two_explainers_coexist(weights_file):
     model_a = load_model("vgg16", weights_file("vgg16", seed=0))
     model_b = load_model("vgg11", weights_file("vgg11", seed=1))
@@ -112,6 +122,7 @@ def test_two_explainers_coexist(weights_file):
     assert not torch.equal(a.explain(x).relevance, alone_a)
 
 
+@pytest.mark.slow  # full-size VGG weights: seconds to build and save
 def test_batchnorm_folding_keeps_logits(weights_file):
     raw = build_vgg("vgg11_bn").eval()
     raw.load_state_dict(torch.load(weights_file("vgg11_bn"), weights_only=True))
@@ -133,6 +144,7 @@ def test_layer_aliases(vgg16):
         explainer.resolve("conv6_1")
 
 
+@pytest.mark.slow  # full-size VGG weights: seconds to build and save
 def test_weights_from_file_infer_num_classes(weights_file):
     model = load_model("vgg16", weights_file("vgg16", seed=3, num_classes=10))
     assert model.classifier[6].out_features == 10
@@ -165,6 +177,7 @@ def test_pickled_code_is_refused(tmp_path):
         load_model("vgg16", plain)
 
 
+@pytest.mark.slow  # full-size VGG weights: seconds to build and save
 def test_wrong_architecture_is_refused(weights_file):
     with pytest.raises(WeightsError, match="does not fit"):
         load_model("vgg16", weights_file("vgg11"))

@@ -1,4 +1,4 @@
-"""The paper's method (DESIGN.md section 3.3-3.8) against independent references.
+"""The paper's method (docs/method.md §7-§11) against independent references.
 
 Restricted propagation is checked against zennit conditioned with tensor hooks, selection and
 scores against numbers worked out by hand, the critical path against a tiny network whose

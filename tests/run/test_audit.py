@@ -94,9 +94,9 @@ def _write_sources(digits_folder: Path, root: Path) -> dict[str, str]:
 
 
 def test_every_input_kind_gives_the_same_results(ray_session, digits_folder, tiny_weights, tmp_path):
-    sources = _write_sources(digits_folder, tmp_path)
+    specs = _write_sources(digits_folder, tmp_path)
     heatmaps = {}
-    for kind, spec in sources.items():
+    for kind, spec in specs.items():
         summary = run_audit(_config(spec, tmp_path / kind, tiny_weights))
         assert summary.ok == 20 and summary.errors == 0, kind
         run = open_run(tmp_path / kind)

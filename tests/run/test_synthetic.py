@@ -76,6 +76,7 @@ def test_generated_run_has_real_shapes_and_counts(run_dir):
     assert run.info["status"] == "complete" and len(list((run_dir / "_commits").glob("*.json"))) == 10
 
 
+@pytest.mark.slow  # the whole reducer against pandas over every table
 def test_reducer_on_synthetic_run_matches_pandas(run_dir):
     reduce_run(run_dir)
     run = open_run(run_dir)
@@ -111,6 +112,7 @@ def test_reducer_on_synthetic_run_matches_pandas(run_dir):
     assert different_class_graphs == CLASSES - 1  # class-dependent neurons: every class has its own graph
 
 
+@pytest.mark.slow  # every edge row of the run against pandas
 def test_reducer_edges_equal_pandas_among_each_class_strongest(run_dir):
     """edges.parquet against pandas over every edge row: counts and means of the edges whose
     ends are among the class's ``edge_nodes`` most frequent neurons (ties: higher mean
@@ -148,7 +150,7 @@ def test_reducer_edges_equal_pandas_among_each_class_strongest(run_dir):
 def test_queries_with_pushdown_equal_pandas(run_dir, queries):
     reduce_run(run_dir)  # worst_explained_reduced reads the reducer's table
     probe = queries._probe(run_dir)
-    for name, query in queries.QUERIES.items():
+    for query in queries.QUERIES.values():
         fast, slow = query(run_dir, probe, True), query(run_dir, probe, False)
         if isinstance(fast, np.ndarray):
             assert np.array_equal(fast, slow)
