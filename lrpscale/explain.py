@@ -24,8 +24,8 @@ from lrpscale.engine.critical_path import default_path_layers
 from lrpscale.engine.models import input_normalization, layer_aliases, load_model, resolve_layer
 from lrpscale.graph import class_label
 from lrpscale.inputs.decoding import decode
+from lrpscale.inputs.errors import InputError
 from lrpscale.inputs.preprocess import preprocess
-from lrpscale.inputs.sources import InputError
 
 
 class ExplainError(ValueError):

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from lrpscale.config import DEFAULT_MAX_PIXELS
+from lrpscale.inputs.errors import ERROR_COLUMNS, ERROR_FIELDS, InputError
 from lrpscale.inputs.preprocess import as_displayed, preprocess
-from lrpscale.inputs.sources import ERROR_COLUMNS, ERROR_FIELDS, LOCATOR_COLUMNS, InputError, Locator, get_source
+from lrpscale.inputs.sources import LOCATOR_COLUMNS, Locator, get_source
 
 
 @contextmanager

@@ -66,23 +66,18 @@ skipped and counted; it never stops the listing):
   key, name collisions) are counted: ``list_inputs`` logs one INFO line per listing
   ("skipped 3 hidden entries, 2 files that are not images (.txt, .json)"), and the counts ride
   in the table's schema metadata; ``skipped_entries(table)`` returns them as a dict and
-  ``skipped_summary(table)`` as that line, for a driver to print.
+  ``skipped_summary(table)`` as that line, for a driver to print (both in ``lrpscale.inputs.skipped``).
 """
 from __future__ import annotations
 
-import errno
-import glob
 import json
 import logging
 import os
-import re
-import stat
-import tarfile
 import urllib.parse
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -90,16 +85,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lrpscale.inputs.errors import InputError, error_row
+from lrpscale.inputs.files import _data_files, _file_kind, _Found, _is_pattern, _match, _open_parquet, _open_regular, _walk
+from lrpscale.inputs.names import IMAGE_EXTENSIONS, _extension, _shown, os_path, path_column, text_name, text_path
+from lrpscale.inputs.skipped import SKIPPED_METADATA, _Skipped, skipped_summary
+from lrpscale.inputs.tar_shards import _shard_samples
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff",
-                    "ppm", "pgm", "pbm", "pnm")
-LABEL_EXTENSIONS = ("cls", "label", "txt")  # WebDataset members that carry the label, first wins
 ID_COLUMNS = ("image_id", "id")
 IMAGE_COLUMNS = ("image", "image_bytes", "bytes", "img", "jpg", "png")
 
-ERROR_FIELDS = ("error_stage", "error_type", "error_message")
-ERROR_COLUMNS = ("image_id", "uri", "label") + ERROR_FIELDS
 # Where a row came from, for the source's reader; unused fields are "" or -1 (never null: Ray
 # hands nullable ints to batches as floats).
 LOCATOR_COLUMNS = ("source", "path", "member", "row", "offset", "size")
@@ -119,183 +115,9 @@ LISTING_SCHEMA = pa.schema([
     ("error_message", pa.string()),
 ])
 
-ERROR_STAGES = ("list", "read", "decode", "preprocess")
-ERROR_TYPES = {
-    "invalid_uri": "a manifest row whose uri is empty or not a local path",
-    "no_image_member": "a WebDataset sample without an image member",
-    "no_image_column": "a Parquet file without an image-bytes column, where other files of the input have one",
-    "missing": "the file, Parquet row or tar shard is not there, or the target of a symbolic link or tar hard link",
-    "empty": "zero bytes (or null bytes in a Parquet image column)",
-    "unreadable": "the file exists but cannot be opened or read (permissions, a directory, a corrupt container)",
-    "truncated": "the data ends early: a tar shard or member cut short, or an image file cut off",
-    "not_an_image": "bytes PIL cannot identify as any image format",
-    "corrupt": "a recognised image format whose data PIL cannot decode",
-    "decompression_bomb": "width x height above max_pixels",
-    "unconvertible": "decoded, but conversion to the model input failed",
-    "outside_root": "a symbolic link to something outside the input folder (followed only with follow_external_links=True)",
-    "link_loop": "a folder that leads back into a folder it is inside of, or a chain of symbolic links without an end",
-    "not_a_file": "a FIFO, socket or device where a file was expected; never opened, since reading one can block forever",
-    "symlink_member": "a symbolic link inside a tar shard; never followed, since it could point anywhere on the reading machine",
-}
-
-# Why a listing left an entry out (not an error: nothing was meant to be read there)
-SKIP_REASONS = {
-    "hidden": "hidden entries (names starting with a dot)",
-    "other_extension": "files whose extension is not one the listing reads",
-    "no_sample_key": "tar members without a sample key (no extension)",
-    "name_collision": "entries whose percent-encoded name equals another entry's name",
-}
-SKIPPED_METADATA = b"lrpscale.skipped"  # the listing table's schema metadata key for the skip counts
-ENCODED_PATH_PREFIX = "fs-bytes:"  # a path column value holding the percent-encoded bytes of a path
-
-
-class InputError(Exception):
-    """Why one input could not become model input: a stage (ERROR_STAGES), a type (ERROR_TYPES), a message."""
-
-    def __init__(self, stage: str, error_type: str, message: str):
-        super().__init__(message)
-        self.stage = stage
-        self.error_type = error_type
-        self.message = message
-
-
-def error_row(image_id: str, uri: str, label: str | None, stage: str, error_type: str,
-              message: str) -> dict[str, str | None]:
-    """One row of the ``errors`` table (columns ERROR_COLUMNS), for problems found outside ``load_batch``."""
-    return {"image_id": image_id, "uri": uri, "label": label, "error_stage": stage,
-            "error_type": error_type, "error_message": message}
-
-
-# ---------------------------------------------------------------------------------------------
-# Names in any bytes: the OS hands Python undecodable bytes of a name as lone surrogates
-# (U+DC80..U+DCFF, "surrogateescape"), which Arrow cannot store as UTF-8 text.
-
-
-def _is_text(name: str) -> bool:
-    """Whether ``name`` is valid text (no byte of the OS name was undecodable)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def text_name(name: str) -> str:
-    """One file, folder or tar member name as the OS gave it -> valid text for ids and uris.
-
-    A valid UTF-8 name comes back unchanged. Otherwise each undecodable byte becomes ``%XX``, and
-    so does each ``%`` of that name, so ``urllib.parse.unquote_to_bytes`` gives back its bytes.
-    """
-    if _is_text(name):
-        return name
-    return "".join(f"%{ord(char) - 0xDC00:02X}" if "\udc80" <= char <= "\udcff" else "%25" if char == "%" else char
-                   for char in name)
-
-
-def text_path(path: str) -> str:
-    """A "/"-separated path (absolute or relative) as valid text: ``text_name`` of each part."""
-    if _is_text(path):
-        return path
-    return "/".join(text_name(part) for part in path.split("/"))
-
-
-def path_column(path: str) -> str:
-    """The ``path`` column value of an OS path: the path itself if it is valid text, else
-    ``ENCODED_PATH_PREFIX`` + its bytes percent-encoded (no absolute path starts with that prefix)."""
-    if _is_text(path):
-        return path
-    return ENCODED_PATH_PREFIX + urllib.parse.quote_from_bytes(os.fsencode(path), safe="/")
-
-
-def os_path(column: str) -> str | bytes:
-    """A ``path`` column value -> the name to open: the text itself, or the bytes it encodes."""
-    if column.startswith(ENCODED_PATH_PREFIX):
-        return urllib.parse.unquote_to_bytes(column[len(ENCODED_PATH_PREFIX):])
-    return column
-
-
-def _shown(path: str | bytes) -> str:
-    """A path as messages show it: valid text, undecodable bytes percent-encoded."""
-    return text_path(os.fsdecode(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Opening files without ever opening a FIFO or a device
-
-
-def _file_kind(mode: int) -> str:
-    """What a stat mode that is neither a regular file nor a directory is, in words."""
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
-
-
-def _not_a_file(stage: str, what: str, path: str | bytes, mode: int) -> InputError:
-    """The ``not_a_file`` error for ``path`` (``what`` names it in the message: "tar shard", or "")."""
-    return InputError(stage, "not_a_file", f"{what + ' ' if what else ''}{_shown(path)} is {_file_kind(mode)}, not a "
-                      f"regular file; it is never opened (reading one can block forever); replace it with the file "
-                      f"itself or remove it")
-
-
-def _check_regular(path: str | bytes, stage: str, what: str) -> None:
-    """Check, without opening anything, that ``path`` is a regular file; raises InputError
-    (``missing``, ``unreadable`` for a directory or a stat failure, ``not_a_file``). ``what`` names
-    the file in messages ("image file", "tar shard")."""
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(stage, "missing", f"no {what} at {_shown(path)}; fix the path or remove the input") from None
-    except OSError as error:
-        raise InputError(stage, "unreadable", f"cannot open {what} {_shown(path)}: {error.strerror}") from None
-    if stat.S_ISDIR(status.st_mode):
-        raise InputError(stage, "unreadable", f"{what} {_shown(path)} is a directory, not a file")
-    if not stat.S_ISREG(status.st_mode):
-        raise _not_a_file(stage, what, path, status.st_mode)
-
-
-def _open_regular(path: str | bytes, stage: str, what: str) -> BinaryIO:
-    """``open(path, "rb")`` after ``_check_regular``; raises InputError. A FIFO put in place between
-    the check and the open could still block; nothing in a listing's lifetime does that."""
-    _check_regular(path, stage, what)
-    try:
-        return open(path, "rb")
-    except OSError as error:
-        raise InputError(stage, "unreadable", f"cannot open {what} {_shown(path)}: {error.strerror}") from None
-
-
-def _open_parquet(path: str | bytes, stage: str) -> pq.ParquetFile:
-    """A Parquet file, checked to be a regular file first; raises InputError or pyarrow's errors."""
-    _check_regular(path, stage, "parquet file")
-    # pyarrow takes a path as UTF-8 text, so a name in other bytes goes in as an open file
-    return pq.ParquetFile(path if isinstance(path, str) and _is_text(path) else open(path, "rb"))
-
 
 # ---------------------------------------------------------------------------------------------
 # Listing
-
-
-class _Skipped:
-    """What one listing left out on purpose: counts per SKIP_REASONS key, and the extensions of the
-    files with other extensions."""
-
-    def __init__(self, wanted: tuple[str, str]):
-        self.wanted = wanted  # what the listing reads, one and many: ("an image", "images")
-        self.counts: Counter[str] = Counter()
-        self.extensions: Counter[str] = Counter()
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] += 1
-
-    def other_extension(self, name: str) -> None:
-        self.counts["other_extension"] += 1
-        self.extensions["." + _extension(name) if "." in name else "(none)"] += 1
-
-    def metadata(self) -> bytes:
-        """The counts as JSON for the listing's schema metadata (read back by ``skipped_entries``)."""
-        counts = {reason: self.counts[reason] for reason in SKIP_REASONS if self.counts[reason]}
-        # the most frequent extensions first, ties by name, so the summary line is the same every time
-        extensions = dict(sorted(self.extensions.items(), key=lambda item: (-item[1], item[0])))
-        return json.dumps({"counts": counts, "extensions": extensions, "wanted": self.wanted}).encode()
 
 
 class _Listing:
@@ -501,6 +323,23 @@ def list_webdataset(spec: str, follow_external_links: bool = False) -> pa.Table:
     return listing.table()
 
 
+def _colliding_names(names: Iterable[str], spec: str, skipped: _Skipped) -> set[str]:
+    """The names to leave out because their text form equals another name's: a valid UTF-8 name
+    keeps its text, a percent-encoded one that spells it is dropped (with a warning and a count)."""
+    owners: dict[str, str] = {}
+    dropped = set()
+    for name in names:
+        text = text_path(name)
+        owner = owners.setdefault(text, name)
+        if owner != name:
+            loser, owners[text] = (owner, name) if name == text else (name, owner)
+            dropped.add(loser)
+            skipped.add("name_collision")
+            log.warning("%s: %r is left out: its name with undecodable bytes percent-encoded is %r, the name of "
+                        "another entry; rename one of them", spec, os.fsencode(loser), text)
+    return dropped
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading: each reader gets one file and the locators of the rows in it, and returns bytes or
 # an InputError per locator, so a batch opens each file once. ``path`` is the listing's
@@ -698,325 +537,6 @@ def list_inputs(spec: str | os.PathLike, kind: str | None = None, **options) -> 
     return table
 
 
-def skipped_entries(table: pa.Table) -> dict[str, int]:
-    """What a listing skipped: SKIP_REASONS key -> count (only reasons that occurred); {} for a
-    table without the listing's metadata."""
-    return dict(_skipped_metadata(table).get("counts", {}))
-
-
-def skipped_summary(table: pa.Table) -> str:
-    """The skip counts of a listing as one line: "skipped 3 hidden entries, 2 files that are not
-    images (.txt, .json)", or "skipped nothing"."""
-    skipped = _skipped_metadata(table)
-    one, many = skipped.get("wanted", ("an input", "inputs"))
-    parts = []
-    for reason, count in skipped.get("counts", {}).items():
-        phrase = _SKIP_PHRASES.get(reason, (reason, reason))[count != 1].format(one=one, many=many)
-        if reason == "other_extension":
-            extensions = list(skipped.get("extensions", {}))
-            phrase += f" ({', '.join(extensions[:8])}{f', and {len(extensions) - 8} more' if len(extensions) > 8 else ''})"
-        parts.append(f"{count} {phrase}")
-    return "skipped " + ", ".join(parts) if parts else "skipped nothing"
-
-
-# The summary line's words per SKIP_REASONS key, for one and for many; {one}/{many}: what the listing reads
-_SKIP_PHRASES = {
-    "hidden": ("hidden entry", "hidden entries"),
-    "other_extension": ("file that is not {one}", "files that are not {many}"),
-    "no_sample_key": ("tar member without a sample key", "tar members without a sample key"),
-    "name_collision": ("entry whose percent-encoded name is another entry's", "entries whose percent-encoded name is another entry's"),
-}
-
-
-def _skipped_metadata(table: pa.Table) -> dict:
-    return json.loads((table.schema.metadata or {}).get(SKIPPED_METADATA, b"{}"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Walking a folder
-
-
-class _Found(NamedTuple):
-    """One entry of a folder walk: a file to list, or why an entry cannot be listed."""
-
-    relative: str               # below the root, "/"-separated, as the OS names it (see text_name)
-    path: str                   # the path to open; links in it stay, opening follows them
-    error: InputError | None    # set for an entry that becomes a "list" error row
-    folder: bool = False        # the entry is (or leads to) a folder, not a file
-
-
-def _walk(root: str, extensions: Sequence[str], skipped: _Skipped | None = None, *,
-          follow_external_links: bool = False) -> Iterator[_Found]:
-    """The non-hidden files under ``root`` with one of ``extensions``, and the entries that cannot be
-    listed, in no particular order; ``skipped`` counts what is left out.
-
-    Costs one ``stat`` per folder (for loop detection) and one per symbolic link (to learn what
-    it points at); plain files cost none beyond the directory read. Raises OSError if ``root``
-    itself cannot be read.
-    """
-    skipped = skipped or _Skipped(("", ""))
-    real_root = os.path.realpath(root)
-    top = os.stat(root)
-    pending = [(root, "", frozenset({(top.st_dev, top.st_ino)}))]  # folders to read, with those they are inside
-    while pending:
-        folder, prefix, ancestors = pending.pop()
-        try:
-            with os.scandir(folder) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
-        except OSError as error:
-            if not prefix:
-                raise OSError(error.errno, f"cannot read the input folder {_shown(root)}: {error.strerror}") from None
-            yield _Found(prefix[:-1], folder, InputError("list", "unreadable", f"cannot read folder {_shown(folder)}: "
-                                                         f"{error.strerror}"), folder=True)
-            continue
-        for entry in entries:
-            relative = prefix + entry.name
-            if entry.name.startswith("."):
-                skipped.add("hidden")
-            elif entry.is_symlink():
-                yield from _follow_link(entry, relative, extensions, skipped, real_root, ancestors, follow_external_links,
-                                        pending)
-            elif entry.is_dir(follow_symlinks=False):
-                yield from _enter(entry.path, relative, entry.stat(follow_symlinks=False), ancestors, pending)
-            elif _extension(entry.name) not in extensions:
-                skipped.other_extension(entry.name)
-            elif entry.is_file(follow_symlinks=False):
-                yield _Found(relative, entry.path, None)
-            else:
-                yield _Found(relative, entry.path, _not_a_file("list", "", entry.path,
-                                                               entry.stat(follow_symlinks=False).st_mode))
-
-
-def _enter(path: str, relative: str, status: os.stat_result, ancestors: frozenset, pending: list) -> Iterator[_Found]:
-    """Queue the folder at ``path`` for the walk, or yield one ``link_loop`` row if it is a folder
-    the walk is already inside of (reading it again would never end)."""
-    identity = (status.st_dev, status.st_ino)
-    if identity in ancestors:
-        yield _Found(relative, path, InputError(
-            "list", "link_loop", f"{_shown(path)} leads back to {_shown(os.path.realpath(path))}, a folder it is inside "
-            f"of; it is not entered (that would never end); remove the link or point it elsewhere"), folder=True)
-    else:
-        pending.append((path, relative + "/", ancestors | {identity}))
-
-
-def _follow_link(entry: os.DirEntry, relative: str, extensions: Sequence[str], skipped: _Skipped, real_root: str,
-                 ancestors: frozenset, follow_external_links: bool, pending: list) -> Iterator[_Found]:
-    """What a symbolic link in a walk gives: a file, a folder to enter, or an error row (see the
-    module docstring); the link's own name decides what is hidden or skipped."""
-    shown = _shown(entry.path)
-    extension = _extension(entry.name)
-    try:
-        status = os.stat(entry.path)
-    except FileNotFoundError:
-        if extension and extension not in extensions:
-            skipped.other_extension(entry.name)
-        else:  # it could have been an image or a folder of them
-            yield _Found(relative, entry.path, InputError(
-                "list", "missing", f"{shown} is a symbolic link to {_shown(os.readlink(entry.path))}, which does not "
-                f"exist; restore the target or remove the link"), folder=not extension)
-        return
-    except OSError as error:
-        error_type = "link_loop" if error.errno == errno.ELOOP else "unreadable"
-        yield _Found(relative, entry.path, InputError("list", error_type, f"cannot follow symbolic link {shown}: "
-                                                      f"{error.strerror}"))
-        return
-    is_folder = stat.S_ISDIR(status.st_mode)
-    if not is_folder and extension not in extensions:
-        skipped.other_extension(entry.name)
-        return
-    target = os.path.realpath(entry.path)
-    if not follow_external_links and os.path.commonpath([real_root, target]) != real_root:
-        yield _Found(relative, entry.path, InputError(
-            "list", "outside_root", f"{shown} is a symbolic link to {_shown(target)}, outside the input folder "
-            f"{_shown(real_root)}; it is not followed: copy or move the target into the folder, or list with "
-            f"--follow-external-links (follow_external_links=True in the Python API)"),
-            folder=is_folder)
-    elif is_folder:
-        yield from _enter(entry.path, relative, status, ancestors, pending)
-    elif stat.S_ISREG(status.st_mode):
-        yield _Found(relative, entry.path, None)
-    else:
-        yield _Found(relative, entry.path, _not_a_file("list", "the target of symbolic link", entry.path, status.st_mode))
-
-
-def _extension(name: str) -> str:
-    """The lower-case extension of a name without its dot, "" for none."""
-    return name.rsplit(".", 1)[1].lower() if "." in name.rsplit("/", 1)[-1] else ""
-
-
-def _colliding_names(names: Iterable[str], spec: str, skipped: _Skipped) -> set[str]:
-    """The names to leave out because their text form equals another name's: a valid UTF-8 name
-    keeps its text, a percent-encoded one that spells it is dropped (with a warning and a count)."""
-    owners: dict[str, str] = {}
-    dropped = set()
-    for name in names:
-        text = text_path(name)
-        owner = owners.setdefault(text, name)
-        if owner != name:
-            loser, owners[text] = (owner, name) if name == text else (name, owner)
-            dropped.add(loser)
-            skipped.add("name_collision")
-            log.warning("%s: %r is left out: its name with undecodable bytes percent-encoded is %r, the name of "
-                        "another entry; rename one of them", spec, os.fsencode(loser), text)
-    return dropped
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading tar shards' indexes
-
-
-class _Member(NamedTuple):
-    """A tar member as a sample part: where its data is (a hard link: its target's), or why it is unusable."""
-
-    name: str                   # as stored (see text_name)
-    offset: int
-    size: int
-    problem: InputError | None
-
-
-class _Sample(NamedTuple):
-    image: _Member | None
-    label: str | None
-    extensions: list[str]
-    problem: InputError | None
-
-
-def _shard_samples(path: str, shown: str, skipped: _Skipped) -> dict[str, _Sample]:
-    """key -> sample for one shard, in order; raises InputError when no sample can be read at all."""
-    with _open_regular(path, "list", "tar shard") as handle:
-        try:
-            size = os.fstat(handle.fileno()).st_size
-            infos, ending = _tar_index(handle, shown, size)
-            grouped, last_key = _group_members(_tar_members(infos, shown, size), skipped)
-            if not grouped and ending:
-                raise ending
-            samples = {}
-            for key, members in grouped.items():
-                problem = next((member.problem for member in members.values() if member.problem), None)
-                if problem is None and key == last_key:
-                    problem = ending
-                label_member = next((members[ext] for ext in LABEL_EXTENSIONS if ext in members), None)
-                label = _read_label(handle, label_member) if label_member and not label_member.problem else None
-                image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-                samples[key] = _Sample(image, label, list(members), problem)
-        except (OSError, tarfile.TarError) as error:
-            raise InputError("list", "unreadable", f"cannot read tar shard {shown}: {error}") from None
-    return samples
-
-
-def _tar_index(handle: BinaryIO, shown: str, size: int) -> tuple[list[tarfile.TarInfo], InputError | None]:
-    """The members of a tar file in order, and the problem with its end (None when it ends with
-    tar's end-of-archive marker); raises InputError when it is not a tar at all."""
-    try:
-        tar = tarfile.open(fileobj=handle, mode="r:")
-    except tarfile.ReadError:
-        raise _not_a_tar(handle, shown, size) from None
-    infos = []
-    while True:
-        try:
-            info = tar.next()
-        except tarfile.ReadError:
-            break  # the data of the member just read runs past the end; _tar_members reports that member
-        if info is None:
-            break
-        infos.append(info)
-    return infos, _tar_ending(handle, tar.offset, size, shown, infos[-1].name if infos else None)
-
-
-def _tar_ending(handle: BinaryIO, offset: int, size: int, shown: str, last: str | None) -> InputError | None:
-    """Whether the tar file continues with an end-of-archive block (512 zero bytes) at ``offset``,
-    where tarfile stopped: None if so, else the ``truncated`` or ``unreadable`` problem."""
-    handle.seek(offset)
-    if handle.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE):
-        return None
-    after = f" after member {text_path(last)}" if last else ""
-    if offset + tarfile.BLOCKSIZE > size:
-        return InputError("list", "truncated", f"tar shard {shown} ends at byte {size}{after} without tar's "
-                          f"end-of-archive marker: it was cut short (an interrupted copy?), so this sample may miss "
-                          f"members and later samples are lost; copy the shard again")
-    return InputError("list", "unreadable", f"tar shard {shown} has a damaged member header at byte {offset}{after}; "
-                      f"the members after it cannot be read; write the shard again")
-
-
-# The first bytes of compressed files someone may pass as shards; tar members are read by seeking,
-# which needs an uncompressed tar
-_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"), (b"BZh", "bzip2", "bunzip2"),
-               (b"\xfd7zXZ\x00", "xz", "unxz"), (b"PK\x03\x04", "zip", "unzip"))
-
-
-def _not_a_tar(handle: BinaryIO, shown: str, size: int) -> InputError:
-    """The ``list`` error for a shard tarfile cannot open: empty, compressed, or not a tar."""
-    if size == 0:
-        return InputError("list", "empty", f"tar shard {shown} is a zero-byte file")
-    handle.seek(0)
-    head = handle.read(8)
-    kind = next(((name, tool) for magic, name, tool in _COMPRESSED if head.startswith(magic)), None)
-    if kind:
-        return InputError("list", "unreadable", f"tar shard {shown} is {kind[0]}-compressed; WebDataset shards are read "
-                          f"as uncompressed tar files (members are read by seeking): decompress it ({kind[1]})")
-    if size < tarfile.BLOCKSIZE:
-        return InputError("list", "unreadable", f"tar shard {shown} is {size} bytes, shorter than one tar header "
-                          f"({tarfile.BLOCKSIZE} bytes): it is not a tar file, or one cut short inside its first header")
-    return InputError("list", "unreadable", f"tar shard {shown} ({size} bytes) is not a tar file: it does not start "
-                      f"with a valid tar header; pass uncompressed tar shards, or choose another kind with --input-kind")
-
-
-def _tar_members(infos: Iterable[tarfile.TarInfo], shown: str, size: int) -> Iterator[_Member]:
-    """The members that can be sample parts (all but folders), each with where its data is or
-    what is wrong with it; ``size`` is the shard's size in bytes."""
-    regular: dict[str, tarfile.TarInfo] = {}  # earlier regular members by name, for hard links
-    for info in infos:
-        name = text_path(info.name)
-        data, problem = info, None
-        if info.isdir():
-            continue
-        if info.issym():
-            problem = InputError("list", "symlink_member", f"member {name} of {shown} is a symbolic link (to "
-                                 f"{text_path(info.linkname)}); links in shards are never followed (they could point "
-                                 f"anywhere on the machine reading them); store the file itself in the shard")
-        elif info.islnk():
-            data = regular.get(info.linkname) or regular.get(info.linkname.removeprefix("./"))
-            if data is None:
-                problem = InputError("list", "missing", f"member {name} of {shown} is a hard link to "
-                                     f"{text_path(info.linkname)}, which is not an earlier member of the shard; "
-                                     f"store the file itself in the shard")
-        elif info.issparse():
-            problem = InputError("list", "unreadable", f"member {name} of {shown} is stored sparse, which cannot be read "
-                                 f"by seeking; write the shard again without sparse files")
-        elif info.isreg():
-            regular[info.name] = regular[info.name.removeprefix("./")] = info
-        else:
-            problem = InputError("list", "not_a_file", f"member {name} of {shown} is a device or FIFO entry, not a file; "
-                                 f"store the file itself in the shard")
-        if problem is None and data.offset_data + data.size > size:
-            present = max(0, size - data.offset_data)
-            problem = InputError("list", "truncated", f"tar shard {shown} ends inside member {text_path(data.name)}: "
-                                 f"{present} of its {data.size} bytes are there (the shard was cut short, e.g. by an "
-                                 f"interrupted copy); copy the shard again")
-        yield _Member(info.name, data.offset_data if problem is None else -1, data.size if problem is None else -1, problem)
-
-
-def _group_members(members: Iterable[_Member], skipped: _Skipped) -> tuple[dict[str, dict[str, _Member]], str | None]:
-    """key -> (extension -> member) in order of first appearance, and the key of the last member."""
-    grouped: dict[str, dict[str, _Member]] = {}
-    last = None
-    for member in members:
-        # WebDataset's rule: the key is the path up to the first dot of the file name; a file
-        # name that starts with a dot (hidden, macOS "._" forks) has no key and is skipped
-        match = re.match(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$", member.name)
-        if match:
-            last = match.group(1)
-            grouped.setdefault(last, {})[match.group(2).lower()] = member
-        else:
-            skipped.add("hidden" if member.name.rsplit("/", 1)[-1].startswith(".") else "no_sample_key")
-    return grouped, last
-
-
-def _read_label(handle: BinaryIO, member: _Member) -> str | None:
-    """The text of a label member, stripped; None when empty."""
-    handle.seek(member.offset)
-    return handle.read(member.size).decode("utf-8", errors="replace").strip() or None
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers of the sources
@@ -1103,58 +623,3 @@ def _class_labels(values: list, names: list[str] | None) -> list[str | None]:
         return [_as_text(value) for value in values]
     return [names[value] if isinstance(value, int) and 0 <= value < len(names) else _as_text(value)
             for value in values]
-
-
-def _relative(path: str, root: str) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
-
-
-def _is_pattern(spec: str) -> bool:
-    return any(char in spec for char in "*?[{")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """WebDataset's brace notation: ``a-{000..002}.tar`` and ``{train,val}.tar`` become several patterns."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if not match:
-        return [pattern]
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", match.group(1))
-    options = ([str(number).zfill(len(span.group(1))) for number in range(int(span.group(1)), int(span.group(2)) + 1)]
-               if span else match.group(1).split(","))
-    return [expanded for option in options
-            for expanded in _expand_braces(pattern[:match.start()] + option + pattern[match.end():])]
-
-
-def _match(pattern: str) -> list[str]:
-    """The files a glob/brace pattern names, sorted; a brace-named file that is absent is an error.
-    Folders are left out; FIFOs and dangling links stay, for the listing to report."""
-    files = set()
-    for expanded in _expand_braces(pattern):
-        if not _is_pattern(expanded) and not os.path.lexists(expanded):
-            raise FileNotFoundError(f"{expanded!r} (from {pattern!r}) does not exist; fix the pattern")
-        files.update(os.path.abspath(file) for file in glob.glob(expanded) if not os.path.isdir(file))
-    return sorted(files)
-
-
-def _data_files(spec: str, suffix: str, skipped: _Skipped,
-                follow_external_links: bool = False) -> tuple[str, list[_Found]]:
-    """(root, files sorted by relative path) for a file, a directory (recursive, walked like a
-    folder input) or a pattern of ``suffix`` files; entries the walk cannot list carry an error."""
-    if os.path.isdir(spec):
-        root = os.path.abspath(spec)
-        found = sorted(_walk(root, (suffix[1:],), skipped, follow_external_links=follow_external_links),
-                       key=lambda item: item.relative)
-    elif os.path.isfile(spec):
-        root = os.path.dirname(os.path.abspath(spec))
-        found = [_Found(os.path.basename(spec), os.path.abspath(spec), None)]
-    elif _is_pattern(spec):
-        prefix = re.split(r"[*?\[{]", spec, maxsplit=1)[0]
-        root = os.path.abspath(os.path.dirname(prefix) or ".")
-        found = [_Found(_relative(file, root), file, None) for file in _match(spec)]
-    elif os.path.exists(spec):
-        raise ValueError(f"input {spec!r} is {_file_kind(os.stat(spec).st_mode)}, not a file or directory")
-    else:
-        raise FileNotFoundError(f"input {spec!r} does not exist")
-    if not found:
-        raise FileNotFoundError(f"no {suffix} files in {spec!r}")
-    return root, found

@@ -348,8 +348,8 @@ def _input_picture(uri: str | None, side: int) -> np.ndarray | None:
     """The input behind ``uri`` as the model saw it (shorter side resized, centre crop), (side, side, 3)
     in [0, 1]; None unless the uri is a readable local image file."""
     from lrpscale.inputs.decoding import decode
+    from lrpscale.inputs.errors import InputError
     from lrpscale.inputs.preprocess import preprocess
-    from lrpscale.inputs.sources import InputError
 
     if not uri:
         return None

@@ -10,7 +10,7 @@ import torch
 from lrpscale.config import AnalysisConfig
 from lrpscale.engine.analyzer import Analyzer, use_tf32
 from lrpscale.engine.models import load_model
-from lrpscale.inputs.sources import ERROR_FIELDS
+from lrpscale.inputs.errors import ERROR_FIELDS
 from lrpscale.storage import tables
 
 

@@ -19,18 +19,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
-from lrpscale.inputs import sources
+from lrpscale.inputs import files
 from lrpscale.inputs.decoding import load_batch, split_errors
+from lrpscale.inputs.errors import ERROR_COLUMNS, ERROR_TYPES, error_row
 from lrpscale.inputs.preprocess import preprocess
-from lrpscale.inputs.sources import (
-    ERROR_COLUMNS,
-    ERROR_TYPES,
-    LISTING_SCHEMA,
-    SOURCES,
-    detect_kind,
-    error_row,
-    list_inputs,
-)
+from lrpscale.inputs.sources import LISTING_SCHEMA, SOURCES, detect_kind, list_inputs
 
 SIZE = 16
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # pixels stay in [0, 1]
@@ -253,7 +246,7 @@ def test_parquet_with_huggingface_struct_and_class_names(tmp_path, samples, monk
 
     opened = []
     real = pq.ParquetFile
-    monkeypatch.setattr(sources.pq, "ParquetFile", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(files.pq, "ParquetFile", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
     shuffled = listing.take([3, 0, 2])  # rows out of order, from three of the four row groups
     batch = load(shuffled)
     assert len(opened) == 1
@@ -298,7 +291,7 @@ def test_webdataset_groups_members_by_key_and_reads_labels(tmp_path, samples, mo
 
     opened = []
     real = open
-    monkeypatch.setattr(sources, "open", lambda path, *a: opened.append(path) or real(path, *a), raising=False)
+    monkeypatch.setattr(files, "open", lambda path, *a: opened.append(path) or real(path, *a), raising=False)
     batch = load(listing)
     assert sorted(opened) == [str(tmp_path / "wds" / "a-0.tar"), str(tmp_path / "wds" / "a-1.tar")]
     assert outcomes(batch) == {"a-0.tar#s1": None, "a-0.tar#dir/s2": None,

@@ -27,17 +27,11 @@ import pytest
 from PIL import Image
 
 from lrpscale.inputs.decoding import decode, load_batch
+from lrpscale.inputs.errors import ERROR_TYPES, InputError
+from lrpscale.inputs.names import ENCODED_PATH_PREFIX
 from lrpscale.inputs.preprocess import preprocess
-from lrpscale.inputs.sources import (
-    ENCODED_PATH_PREFIX,
-    ERROR_TYPES,
-    LISTING_SCHEMA,
-    InputError,
-    detect_kind,
-    list_inputs,
-    skipped_entries,
-    skipped_summary,
-)
+from lrpscale.inputs.skipped import skipped_entries, skipped_summary
+from lrpscale.inputs.sources import LISTING_SCHEMA, detect_kind, list_inputs
 
 SIZE = 16
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # pixels stay in [0, 1]

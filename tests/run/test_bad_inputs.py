@@ -1,22 +1,29 @@
 """What a skeptical new user tries: every input accounted for, and nothing of the user's lost."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from lrpscale.config import AnalysisConfig, RunConfig
 from lrpscale.engine.models import build_vgg
+from lrpscale.results import open_run
 from lrpscale.run.audit import run_audit
 from lrpscale.storage.store import RunStore
 
@@ -75,6 +82,7 @@ def test_overwrite_replaces_only_the_run(ray_session, digits_folder, tiny_weight
 REFUSAL = """
 import json, sys
 from lrpscale.config import RunConfig
+from lrpscale.results import open_run
 from lrpscale.run.audit import run_audit
 try:
     run_audit(RunConfig.from_mapping(json.loads(sys.argv[1])), progress=False)
@@ -235,3 +243,124 @@ def test_ctrl_c_ends_cleanly_with_exit_130(digits_folder, tiny_weights, tmp_path
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted: run the same command to resume" in err and "Traceback" not in err
+
+
+# --- every listed input ends once in images or errors, through a whole run -----------------------------
+
+def _tables(output: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    run = open_run(output)
+    return run.images, run.errors
+
+
+def test_odd_entries_in_a_folder_each_end_once_in_images_or_errors(ray_session, digits_folder, tiny_weights, tmp_path):
+    """A FIFO named .png, a name in Latin-1 bytes, a symlinked class folder, a link out of the
+    folder, a link to a text file and an empty file, among 20 digits: the run finishes, and each
+    entry is one row of images or of errors, with a message that says what happened."""
+    source = tmp_path / "images"
+    digits = sorted(digits_folder.rglob("*.png"))
+    for path in digits[:20]:
+        (source / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, source / path.parent.name / path.name)
+    os.mkfifo(source / "0" / "pipe.png")
+    with open(os.path.join(os.fsencode(source), b"1", b"caf\xe9.png"), "wb") as file:
+        file.write(digits[30].read_bytes())
+    elsewhere = tmp_path / "elsewhere" / "7"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(digits[40], elsewhere / "kept.png")
+    (source / "linked").mkdir()
+    os.symlink(source / "2", source / "linked" / "2")            # inside the root: followed
+    os.symlink(elsewhere, source / "7")                          # out of the root: an error row
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.symlink(secret, source / "3" / "passwd.png")
+    (source / "4").mkdir(exist_ok=True)
+    (source / "4" / "empty.png").write_bytes(b"")
+
+    summary = run_audit(_config(source, tmp_path / "run", tiny_weights), progress=False)
+    images, errors = _tables(tmp_path / "run")
+    twice_through_link = len(list((source / "2").glob("*.png")))
+    assert summary.images == 20 + 1 + twice_through_link + 4
+    assert summary.ok == len(images) == 20 + 1 + twice_through_link
+    assert summary.errors == len(errors) == 4
+    assert sorted(images.image_id) == sorted(set(images.image_id))
+    assert "1/caf%E9.png" in set(images.image_id)
+    assert {f"linked/2/{p.name}" for p in (source / "2").glob("*.png")} <= set(images.image_id)
+    by_id = errors.set_index("image_id")
+    assert by_id.loc["0/pipe.png", "error_type"] == "not_a_file"
+    assert by_id.loc["7", "error_type"] == "outside_root"
+    assert "--follow-external-links" in by_id.loc["7", "message"]
+    assert by_id.loc["3/passwd.png", "error_type"] == "outside_root"
+    assert by_id.loc["4/empty.png", "error_type"] == "empty"
+    assert not errors.message.str.contains("root:x").any()
+
+
+def test_a_text_file_named_png_is_an_error_without_its_contents(ray_session, tiny_weights, tmp_path):
+    source = tmp_path / "images" / "0"
+    source.mkdir(parents=True)
+    (source / "notes.png").write_text("root:x:0:0:r and other private text\n")
+    (source / "ok.png").write_bytes(_digit_png())
+    summary = run_audit(_config(source.parent, tmp_path / "run", tiny_weights), progress=False)
+    _, errors = _tables(tmp_path / "run")
+    assert (summary.ok, summary.errors) == (1, 1)
+    message = errors.message.iloc[0]
+    assert errors.error_type.iloc[0] == "not_an_image" and "looks like text" in message
+    assert "root" not in message and "private" not in message
+
+
+def test_a_truncated_shard_keeps_its_intact_samples(ray_session, tiny_weights, tmp_path):
+    shard = tmp_path / "shards" / "train-0.tar"
+    shard.parent.mkdir()
+    png = _digit_png()
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for key in ("s0", "s1", "s2"):
+            for name, data in ((f"{key}.png", png), (f"{key}.cls", b"3")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("s3.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "s0.png"
+        tar.addfile(link)
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember("s2.png").offset_data + 10
+    os.truncate(shard, cut)
+    summary = run_audit(_config(str(shard), tmp_path / "run", tiny_weights), progress=False)
+    images, errors = _tables(tmp_path / "run")
+    assert (summary.ok, summary.errors) == (2, 1)
+    assert sorted(images.image_id) == ["train-0.tar#s0", "train-0.tar#s1"]
+    assert errors.image_id.tolist() == ["train-0.tar#s2"] and errors.error_type.tolist() == ["truncated"]
+    assert "ends inside member s2.png" in errors.message.iloc[0]
+
+
+def test_a_hard_link_in_a_shard_is_read_as_its_target(ray_session, tiny_weights, tmp_path):
+    shard = tmp_path / "train-0.tar"
+    png = _digit_png()
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(png)
+        tar.addfile(info, io.BytesIO(png))
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "a.png"
+        tar.addfile(link)
+    summary = run_audit(_config(str(shard), tmp_path / "run", tiny_weights), progress=False)
+    images, _ = _tables(tmp_path / "run")
+    assert (summary.ok, summary.errors) == (2, 0)
+    first, second = (open_run(tmp_path / "run").heatmap(i) for i in ("train-0.tar#a", "train-0.tar#b"))
+    np.testing.assert_array_equal(first, second)
+
+
+def test_an_unwritable_output_is_refused(digits_folder, tiny_weights, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere: the permission check cannot refuse it")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(ValueError, match="permission denied"):
+        run_audit(_config(digits_folder, locked / "run", tiny_weights), progress=False)
+
+
+def _digit_png() -> bytes:
+    from sklearn.datasets import load_digits
+
+    buffer = io.BytesIO()
+    Image.fromarray((load_digits().images[0] * 16).astype(np.uint8), "L").save(buffer, format="PNG")
+    return buffer.getvalue()
