@@ -258,9 +258,10 @@ def test_odd_entries_in_a_folder_each_end_once_in_images_or_errors(ray_session, 
     entry is one row of images or of errors, with a message that says what happened."""
     source = tmp_path / "images"
     digits = sorted(digits_folder.rglob("*.png"))
-    for path in digits[:20]:
-        (source / path.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, source / path.parent.name / path.name)
+    for cls in "01234":  # 4 digits in each of 5 class folders
+        (source / cls).mkdir(parents=True)
+        for path in sorted((digits_folder / cls).glob("*.png"))[:4]:
+            shutil.copy(path, source / cls / path.name)
     os.mkfifo(source / "0" / "pipe.png")
     with open(os.path.join(os.fsencode(source), b"1", b"caf\xe9.png"), "wb") as file:
         file.write(digits[30].read_bytes())
@@ -273,7 +274,6 @@ def test_odd_entries_in_a_folder_each_end_once_in_images_or_errors(ray_session, 
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
     os.symlink(secret, source / "3" / "passwd.png")
-    (source / "4").mkdir(exist_ok=True)
     (source / "4" / "empty.png").write_bytes(b"")
 
     summary = run_audit(_config(source, tmp_path / "run", tiny_weights), progress=False)
