@@ -247,15 +247,10 @@ def run(args: argparse.Namespace) -> int:
         with progress_display() as progress:
             summary = run_audit(config, address=args.address, overwrite=args.overwrite, progress=progress)
     except (OSError, ValueError, RuntimeError) as error:
-        raise CommandError(_message(error)) from None
+        raise CommandError(str(error)) from None
     classes = None if args.no_reduce or summary.ok == 0 else reduce_with_pictures(summary.output)
     _print_run_summary(summary, classes)
     return 0
-
-
-def _message(error: BaseException) -> str:
-    """The text of an exception; KeyError's str() would add quotes."""
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def _print_run_summary(summary, classes: Path | None) -> None:
@@ -309,7 +304,9 @@ def compare(args: argparse.Namespace) -> int:
         comparison = compare_runs(args.run_a, args.run_b)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    out = comparison.write(args.output or Path(args.run_b) / f"compare-{Path(args.run_a).resolve().name}")
+    from lrpscale.storage.store import COMPARE_PREFIX
+
+    out = comparison.write(args.output or Path(args.run_b) / f"{COMPARE_PREFIX}{Path(args.run_a).resolve().name}")
     print(comparison.text(args.rows), end="")
     print(f"comparison: {out}  (classes.parquet, images.parquet, summary.json, summary.md)")
     return 0

@@ -32,7 +32,6 @@ class ExplainError(ValueError):
     """A bad argument to ``explain_image``; the message names it and what to do."""
 
 
-
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 
 

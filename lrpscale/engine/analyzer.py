@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lrpscale.config import AnalysisConfig
 from lrpscale.engine.critical_path import Selected, critical_path, default_path_layers
 from lrpscale.engine.deconvolution import deconvolve_many
-from lrpscale.engine.explainer import Explainer
+from lrpscale.engine.explainer import Explainer, conservation_error
 from lrpscale.engine.selection import VARIANTS, Sweep, neuron_totals, rank_neurons, sweep
 
 Tensor = torch.Tensor
@@ -177,7 +177,7 @@ class Analyzer:
         totals = {k: v[:, 0] for k, v in totals.items()}
         rows = torch.arange(len(target), device=target.device)
         initial_values = record.logits[rows, target]
-        conservation = (totals["input"] - initial_values).abs() / initial_values.abs().clamp(min=1e-30)
+        conservation = conservation_error(totals["input"], initial_values)
 
         sweeps = {layer: sweep(explainer, record, heatmap, kept[layer], layer, cfg.ks, cfg.score_metric,
                                cfg.score_target, cfg.absolute)

@@ -72,8 +72,13 @@ class Explanation:
     def conservation_errors(self) -> dict[str, Tensor]:
         """Relative conservation error at every layer and at the input."""
         initial = self.initial.reshape(-1, *([1] * (self.totals["input"].ndim - 1)))
-        scale = initial.abs().clamp(min=torch.finfo(initial.dtype).tiny)
-        return {name: (total - initial).abs() / scale for name, total in self.totals.items()}
+        return {name: conservation_error(total, initial) for name, total in self.totals.items()}
+
+
+def conservation_error(total: Tensor, initial: Tensor) -> Tensor:
+    """|total - initial| / |initial| (docs/method.md §5), elementwise; an initial relevance of 0
+    divides by the dtype's smallest normal number instead."""
+    return (total - initial).abs() / initial.abs().clamp(min=torch.finfo(initial.dtype).tiny)
 
 
 def _sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module | None]]:

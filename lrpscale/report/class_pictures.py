@@ -13,6 +13,7 @@ from lrpscale.results.class_counts import class_order
 from lrpscale.results.reducer import reduce_run
 from lrpscale.results.run import Run
 from lrpscale.storage.store import CLASSES, safe_name
+from lrpscale.storage.tables import square_picture
 
 
 def reduce_with_pictures(run: str | Path | Run, pictures: bool = True, **options) -> Path | str:
@@ -44,7 +45,7 @@ def write_class_pictures(run: str | Path | Run) -> list[str]:
     frame = frame[[(b, c) in pictured for b, c in zip(frame["by"], frame["class"])]]
     for by, group in frame.groupby("by"):
         group = group.sort_values("class", key=lambda column: column.map(class_order))
-        maps = [np.asarray(h, np.float32).reshape(int(round(len(h) ** 0.5)), -1) for h in group["heatmap"]]
+        maps = [square_picture(h) for h in group["heatmap"]]
         titles = [f"{name}\nn={n}, acc {acc:.0%}" for name, n, acc in
                   zip(group["class_name"], group["images"], group["accuracy"])]
         what = "true label" if by == "label" else "prediction"

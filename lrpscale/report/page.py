@@ -31,7 +31,8 @@ from lrpscale.results import Run
 from lrpscale.results.class_counts import class_order
 from lrpscale.results.comparison import compare_runs, percent
 from lrpscale.results.reducer import reduce_run
-from lrpscale.storage.store import REPORT
+from lrpscale.storage.store import REPORT, RunStore
+from lrpscale.storage.tables import square_picture
 
 GALLERY_CLASSES = 20  # classes pictured in the gallery unless told otherwise
 ROWS = 20  # rows of each table before it is cut
@@ -52,16 +53,9 @@ def write_report(run: str | Path | Run, compare: str | Path | Run | None = None,
     """
     run = run if isinstance(run, Run) else Run(run)
     page = render_report(run, compare, gallery, classes, rows)
-    if output is None:  # into the run, through its store: a reader never sees half a page
-        run.store.write_bytes(REPORT, page.encode("utf-8"))
-        return run.store.local_path() / REPORT if run.store.local_path() else run.store.path(REPORT)
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / REPORT
-    partial = path.with_name(f".{REPORT}.partial")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(path)
-    return path
+    folder = run.store if output is None else RunStore(output)
+    folder.write_bytes(REPORT, page.encode("utf-8"))  # written whole: a reader never sees half a page
+    return folder.local_path() / REPORT if folder.local_path() else folder.path(REPORT)
 
 
 def render_report(run: Run, compare: str | Path | Run | None = None, gallery: int = GALLERY_CLASSES,
@@ -145,7 +139,7 @@ def _gallery_section(run: Run, labels: dict[str, str], count: int, chosen: Seque
     overview, cards = [], []
     for cls in shown:
         row = heatmaps.loc[cls]
-        heatmap = _flat_map(row["heatmap"])
+        heatmap = square_picture(row["heatmap"])
         anchor = f"class-{cls}"
         overview.append(f'<a class=thumb href="#{html.escape(anchor)}">'
                         f'{_heatmap_html(heatmap, f"summary heatmap of class {cls}", pixels=64)}'
@@ -207,7 +201,7 @@ def _worst_section(run: Run, labels: dict[str, str], rows: int) -> str:
     cards = []
     for position, score in enumerate(worst.itertuples(), 1):
         image = images.loc[score.image_id]
-        heatmap = _flat_map(image["heatmap"])
+        heatmap = square_picture(image["heatmap"])
         picture = _input_picture(image["uri"], min(side, INPUT_PIXELS))
         shown = [_image_html(picture, f"input {score.image_id}") if picture is not None else
                  "<div class=missing>input not readable here</div>",
@@ -261,7 +255,7 @@ def _comparison_section(comparison, before: Run, after: Run, rows: int) -> str:
             for key, run in (("a", before), ("b", after))}
     table_rows = pd.DataFrame({
         "class": drift["class"],
-        "heatmap A, B": ["".join(_heatmap_html(_flat_map(maps[key][c]), f"class {c} in run {key.upper()}", pixels=48)
+        "heatmap A, B": ["".join(_heatmap_html(square_picture(maps[key][c]), f"class {c} in run {key.upper()}", pixels=48)
                                  if c in maps[key].index else "<span class=missing>-</span>" for key in ("a", "b"))
                          for c in drift["class"]],
         "images A, B": [f"{a}, {b}" for a, b in zip(drift["images_a"], drift["images_b"])],
@@ -384,15 +378,6 @@ def _png(rgb: np.ndarray) -> bytes:
 
 def _png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _flat_map(values) -> np.ndarray:
-    """A heatmap stored flat (the reducer's table) or square, as (s, s) float32."""
-    flat = np.asarray(values, np.float32)
-    if flat.ndim == 2:
-        return flat
-    side = int(round(flat.size ** 0.5))
-    return flat.reshape(side, side)
 
 
 # --- tables and text -----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from lrpscale.graph import OUTPUT
 from lrpscale.results.class_counts import class_order
 from lrpscale.results.reducer import reduce_run
 from lrpscale.results.run import Run
+from lrpscale.storage.store import RunStore
+from lrpscale.storage.tables import square_picture
 
 BATCH = 2048  # images per streamed batch: two batches of 56x56 float32 heatmaps are ~50 MB
 
@@ -69,15 +71,15 @@ class Comparison:
             lines.append(self.images.head(rows)[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         return "\n".join(lines) + "\n"
 
-    def write(self, directory: str | Path) -> Path:
-        """``classes.parquet``, ``images.parquet``, ``summary.json`` and ``summary.md`` in ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.classes.to_parquet(out / "classes.parquet", index=False)
-        self.images.to_parquet(out / "images.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(self.summary, indent=2, default=_json_number))
-        (out / "summary.md").write_text(self.text())
-        return out
+    def write(self, directory: str | Path) -> Path | str:
+        """``classes.parquet``, ``images.parquet``, ``summary.json`` and ``summary.md`` in
+        ``directory`` (a path or URI; each file written whole or not at all). Returns it."""
+        out = RunStore(directory)  # any folder: the store's atomic writes, not a run
+        out.write_parquet("classes.parquet", pa.Table.from_pandas(self.classes, preserve_index=False))
+        out.write_parquet("images.parquet", pa.Table.from_pandas(self.images, preserve_index=False))
+        out.write_bytes("summary.json", json.dumps(self.summary, indent=2, default=_json_number).encode())
+        out.write_bytes("summary.md", self.text().encode())
+        return out.local_path() or out.location
 
 
 def compare_runs(a: str | Path | Run, b: str | Path | Run, top_nodes: int = 8,
@@ -250,9 +252,7 @@ def _class_table(run: Run) -> dict[str, tuple[int, float, np.ndarray]]:
     table = run.class_heatmaps[run.class_heatmaps["by"] == "label"]
     out = {}
     for cls, images, accuracy, heatmap in zip(table["class"], table["images"], table["accuracy"], table["heatmap"]):
-        flat = np.asarray(heatmap, np.float32)
-        side = int(round(len(flat) ** 0.5))
-        out[cls] = (int(images), float(accuracy), flat.reshape(side, side))
+        out[cls] = (int(images), float(accuracy), square_picture(heatmap))
     return out
 
 

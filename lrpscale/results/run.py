@@ -23,6 +23,7 @@ from lrpscale.graph import path_graph
 from lrpscale.results.reducer import CHOSEN_SCORES, class_graph
 from lrpscale.storage import tables
 from lrpscale.storage.store import CLASSES, RunStore
+from lrpscale.storage.tables import square_picture
 
 
 class Run:
@@ -97,10 +98,10 @@ class Run:
     def heatmaps(self, images: pd.DataFrame | None = None) -> np.ndarray:
         """(N, s, s) stacked heatmaps of a selection of the images table (all by default)."""
         images = self.images if images is None else images
-        side = int(round(len(images["heatmap"].iloc[0]) ** 0.5)) if len(images) else 0
-        return np.stack([np.asarray(h, np.float32).reshape(side, side) * s
-                         for h, s in zip(images["heatmap"], images["heatmap_scale"])]) if len(images) else np.zeros(
-            (0, side, side), np.float32)
+        if not len(images):
+            side = self.arrow("images", ["heatmap"]).schema.field("heatmap").type.shape[0] if self.files("images") else 0
+            return np.zeros((0, side, side), np.float32)
+        return np.stack([square_picture(h) * s for h, s in zip(images["heatmap"], images["heatmap_scale"])])
 
     def reconstruction(self, image_id: str, layer: str, neuron: int) -> np.ndarray:
         """A stored deconvolution, (3, d, d) float32."""
@@ -161,9 +162,7 @@ class Run:
         rows = self.class_heatmaps[(self.class_heatmaps["by"] == by) & (self.class_heatmaps["class"] == str(cls))]
         if rows.empty:
             raise KeyError(f"no class {cls!r} (by {by}) in {self.path}; run `lrpscale reduce {self.path}`")
-        flat = np.asarray(rows["heatmap"].iloc[0], np.float32)
-        side = int(round(len(flat) ** 0.5))
-        return flat.reshape(side, side)
+        return square_picture(rows["heatmap"].iloc[0])
 
     def _classes_table(self, name: str, **options) -> pd.DataFrame:
         """A table the reducer wrote, as pandas."""

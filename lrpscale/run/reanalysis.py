@@ -21,7 +21,7 @@ from lrpscale.engine.models import load_model
 from lrpscale.results.comparison import Comparison, compare_runs
 from lrpscale.results.reducer import reduce_run
 from lrpscale.run.audit import RunSummary, fingerprint, run_audit, run_id_for
-from lrpscale.storage.store import CLASSES
+from lrpscale.storage.store import CLASSES, COMPARE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def reanalyze(config: RunConfig, root: str | Path, address: str | None = None, p
         reduce_run(target)
     action = "new-run" if is_new else ("new-images" if changed else "unchanged")
     result = Reanalysis(action, target, before[-1] if before else None, summary, reduced=reduced)
-    if result.previous is not None and (changed or not (target / f"compare-{result.previous.name}").is_dir()):
+    comparison_dir = target / f"{COMPARE_PREFIX}{result.previous.name}" if result.previous else None
+    if comparison_dir is not None and (changed or not comparison_dir.is_dir()):
         result.comparison = compare_runs(result.previous, target)
-        result.comparison_dir = result.comparison.write(target / f"compare-{result.previous.name}")
+        result.comparison_dir = result.comparison.write(comparison_dir)
         log.info("%s", result.comparison.text())
     return result

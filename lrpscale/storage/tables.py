@@ -74,6 +74,16 @@ def deconv_schema(side: int) -> pa.Schema:
                       ("reconstruction", picture_type([3, side, side]))])
 
 
+def square_picture(values) -> np.ndarray:
+    """A stored heatmap as a (s, s) float32 array: pandas hands a fixed_shape_tensor cell (and
+    the reducer's class heatmaps) over as a flat array of s*s values; a square one passes."""
+    picture = np.asarray(values, np.float32)
+    if picture.ndim == 2:
+        return picture
+    side = int(round(picture.size ** 0.5))
+    return picture.reshape(side, side)
+
+
 def scaled_float16(picture: np.ndarray) -> tuple[np.ndarray, float]:
     """A picture as float16 divided by its largest |value| (kept as ``scale``): relevance values
     are often far below float16's normal range, their shape is what float16 must keep."""
