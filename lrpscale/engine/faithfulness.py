@@ -188,9 +188,11 @@ def _targets(target, logits: Tensor) -> Tensor:
     return target.clone()
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+def _model_device_dtype(model: nn.Module, x: Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where and in which float type the model computes (its first parameter's); float32 on x's
+    device for a model without parameters."""
     parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else fallback
+    return (parameter.device, parameter.dtype) if parameter is not None else (x.device, torch.float32)
 
 
 @torch.no_grad()
@@ -228,11 +230,13 @@ def region_perturbation(model: nn.Module, x: Tensor, attributions: Tensor, targe
     """Region perturbation curves and AOPC (conventions in the module docstring).
 
     model: a classifier in eval mode, (B, C, H, W) -> (B, K) logits. x: (N, C, H, W) normalised
-    model input. attributions: (N, C, H, W), (N, 1, H, W) or (N, H, W) (already summed over
-    colour). target: (N,) classes, one int, or None for the prediction on x. patch_size: p,
-    default ``max(1, H // 28)`` (8 at 224 px, 1 at 32 px). baseline: a float or a tensor
-    broadcastable to (C, H, W) (e.g. (C, 1, 1) per channel) or of shape (N, C, H, W). seed: int
-    or (N,) per-image seeds of the random order. batch_size: copies per forward; default from
+    model input, moved to the model's device and float type (the curves come back in that type).
+    attributions: (N, C, H, W), (N, 1, H, W) or (N, H, W) (already summed over colour). target:
+    (N,) classes, one int, or None for the prediction on x. patch_size: p, default
+    ``max(1, H // 28)`` (8 at 224 px, 1 at 32 px). baseline: a float or a tensor broadcastable to
+    (C, H, W) (e.g. (C, 1, 1) per channel) or of shape (N, C, H, W). seed: int or (N,) per-image
+    seeds of the random order (an int gives every image the same permutation; pass e.g. dataset
+    indices for independent ones). batch_size: copies per forward; default from
     ``copies_per_forward`` and ``budget_bytes``.
 
     All N * len(orders) * steps perturbed copies (and the N originals) run in forwards of
@@ -245,8 +249,8 @@ def region_perturbation(model: nn.Module, x: Tensor, attributions: Tensor, targe
     orders = tuple(orders)
     if not orders or len(set(orders)) != len(orders):
         raise ValueError(f"orders must be distinct names from {ORDERS}, got {orders}")
-    device = _model_device(model, x.device)
-    x = x.to(device, torch.float32)
+    device, dtype = _model_device_dtype(model, x)
+    x = x.to(device, dtype)
     a = _as_attributions(attributions, x).to(device)
     n, channels, h, w = x.shape
     p = max(1, h // 28) if patch_size is None else int(patch_size)
@@ -272,20 +276,16 @@ def region_perturbation(model: nn.Module, x: Tensor, attributions: Tensor, targe
         batch_size = copies_per_forward(model, x[:1], budget_bytes)
     batch_size = max(1, int(batch_size))
 
-    def target_outputs(inputs: Tensor, classes: Tensor | None) -> tuple[Tensor, Tensor]:
-        logits = model(inputs).float()
-        return logits, logits.log_softmax(1).exp() if classes is None else logits.softmax(1)
-
     # step 0: the unperturbed images, in the same chunks as the copies
-    original = torch.cat([model(x[i:i + batch_size]).float() for i in range(0, n, batch_size)])
+    original = torch.cat([model(x[i:i + batch_size]) for i in range(0, n, batch_size)])
     target = _targets(target, original)
     rows = torch.arange(n, device=device)
     logit0, prob0 = original[rows, target], original.softmax(1)[rows, target]
 
     # the copies, flattened as (image, order, step) with the step fastest
     total = n * len(orders) * steps
-    logit_steps = torch.empty(total, device=device)
-    prob_steps = torch.empty(total, device=device)
+    logit_steps = torch.empty(total, dtype=original.dtype, device=device)
+    prob_steps = torch.empty(total, dtype=original.dtype, device=device)
     image_of = torch.arange(n, device=device).repeat_interleave(len(orders) * steps)
     order_of = torch.arange(len(orders), device=device).repeat_interleave(steps).repeat(n)
     count_of = counts[1:].to(device).repeat(n * len(orders))
@@ -296,7 +296,7 @@ def region_perturbation(model: nn.Module, x: Tensor, attributions: Tensor, targe
         mask = cells.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, top:top + h, left:left + w]
         fill = base[images] if per_image_base else base
         copies = torch.where(mask, fill, x[images])
-        logits = model(copies).float()
+        logits = model(copies)
         chosen = target[images]
         logit_steps[index] = logits.gather(1, chosen[:, None])[:, 0]
         prob_steps[index] = logits.softmax(1).gather(1, chosen[:, None])[:, 0]
