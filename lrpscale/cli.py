@@ -343,6 +343,48 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run directory")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="M",
+                        help=f"LRP composites to evaluate: {', '.join(COMPOSITE_NAMES)} (default all four); "
+                        "gradient and gradient_x_input are always added as baselines")
+    parser.add_argument("--sample", type=int, default=64, metavar="N", help="images drawn from the run (default 64)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="seed of the sample, the random perturbation order and the random weights (default 0)")
+    parser.add_argument("--steps", type=int, default=10, metavar="L",
+                        help="region perturbation steps to half of the patches (default 10)")
+    parser.add_argument("--cascade-sample", type=int, default=16, metavar="N",
+                        help="first images of the sample in the cascading randomisation (default 16; 0 skips it)")
+    parser.add_argument("--mprt-sample", type=int, default=32, metavar="N",
+                        help="first images of the sample in eMPRT (default 32; 0 skips it)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Faithfulness (region perturbation) and randomisation checks of the LRP composites against
+    gradient baselines, on a sample of a run; the tables go into RUN/evaluation/<settings id>/."""
+    _check_run(args.run)
+    from lrpscale.run.evaluation import evaluate_run
+
+    try:
+        evaluation = evaluate_run(args.run, methods=args.methods, sample=args.sample, seed=args.seed, steps=args.steps,
+                                  cascade_sample=args.cascade_sample, mprt_sample=args.mprt_sample, device=args.device)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.4g}".format):
+        print(evaluation.summary().to_string())
+    images = evaluation.aopc["image_id"].nunique()
+    best = evaluation.most_faithful
+    print(f"most faithful composite: {best or 'none (no LRP composite evaluated)'}  "
+          f"(largest mean MoRF - random AOPC over {images} images)")
+    print(f"evaluation {evaluation.settings_id}: {evaluation.location}  "
+          "(faithfulness.parquet, aopc.parquet, randomisation.parquet, settings.json, summary.json)")
+    return 0
+
+
 def _check_run(location: str) -> None:
     from lrpscale.storage.store import RunStore
 
@@ -408,6 +450,8 @@ register("compare", "compare two runs: accuracy, heatmap drift, critical-path ov
          compare_arguments, compare)
 register("report", "one self-contained HTML page: summary, class gallery, worst-explained images, errors, "
          "comparison", report_arguments, report)
+register("evaluate", "faithfulness and randomisation checks of the LRP composites against gradient baselines, "
+         "on a sample of a run", evaluate_arguments, evaluate)
 register("demo", "the embedded default: audit scikit-learn's digits with the bundled model", demo_arguments, demo)
 
 

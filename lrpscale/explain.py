@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lrpscale.config import AnalysisConfig, ConfigError
-from lrpscale.engine import Explainer, get_composite
+from lrpscale.engine import Explainer, devices, get_composite
 from lrpscale.engine.analyzer import Analyzer, BatchAnalysis
 from lrpscale.engine.critical_path import default_path_layers
 from lrpscale.engine.models import input_normalization, layer_aliases, load_model, resolve_layer
@@ -102,19 +102,6 @@ def _message(error: BaseException) -> str:
 
 def _load_model(name: str, weights: str | None):
     return load_model(name, None if weights in (None, "random", "none") else weights)
-
-
-def _device(name: str):
-    """--device as a torch.device; ExplainError for a device this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ExplainError(f"unknown device {name!r}: {error}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ExplainError(f"device {name}: no such CUDA device here; use the cpu")
-    return device
 
 
 def _num_classes(model) -> int:
@@ -282,7 +269,10 @@ def explain_image(image: str | Path, *, model: str = "vgg16", weights: str | Non
         composite = get_composite(composite).name
     except KeyError as error:
         raise ExplainError(_message(error)) from None
-    torch_device = _device(device)
+    try:
+        torch_device = devices.torch_device(device)
+    except ValueError as error:
+        raise ExplainError(str(error)) from None
     net = _load_model(model, weights).to(torch_device)
     names = class_names(net, None if classes is None else Path(classes))
     target_index = _target_index(target, image_path, names, _num_classes(net))

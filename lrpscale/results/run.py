@@ -10,6 +10,7 @@ images it has finished, each once.
 """
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -22,8 +23,13 @@ import pyarrow.dataset as ds
 from lrpscale.graph import path_graph
 from lrpscale.results.reducer import CHOSEN_SCORES, class_graph
 from lrpscale.storage import tables
-from lrpscale.storage.store import CLASSES, RunStore
+from lrpscale.storage.store import CLASSES, EVALUATION, RunStore
 from lrpscale.storage.tables import square_picture
+
+# What ``lrpscale evaluate`` writes into RUN/evaluation/<settings id>/ (lrpscale.run.evaluation)
+EVALUATION_TABLES = ("faithfulness", "aopc", "randomisation")
+EVALUATION_SETTINGS = "settings.json"
+EVALUATION_SUMMARY = "summary.json"
 
 
 class Run:
@@ -163,6 +169,34 @@ class Run:
         if rows.empty:
             raise KeyError(f"no class {cls!r} (by {by}) in {self.path}; run `lrpscale reduce {self.path}`")
         return square_picture(rows["heatmap"].iloc[0])
+
+    def evaluations(self) -> pd.DataFrame:
+        """The run's evaluations (``lrpscale evaluate``), oldest first: one row per settings id with
+        ``settings_id``, ``time`` (when it was written, seconds since the epoch) and every setting
+        (``methods`` as a list); empty when there is none. A folder without its settings.json (an
+        evaluation that did not finish) is left out."""
+        rows = []
+        for entry in self.store.entries(EVALUATION):
+            if self.store.is_file(EVALUATION, entry.base_name, EVALUATION_SETTINGS):
+                written = json.loads(self.store.read_bytes(f"{EVALUATION}/{entry.base_name}/{EVALUATION_SETTINGS}"))
+                rows.append({"settings_id": entry.base_name, "time": written.get("time"), **written.get("settings", {})})
+        if not rows:
+            return pd.DataFrame(columns=["settings_id", "time"])
+        return pd.DataFrame(rows).sort_values(["time", "settings_id"], ignore_index=True)
+
+    def evaluation(self, table: str, settings_id: str | None = None) -> pd.DataFrame:
+        """One table of an evaluation: ``faithfulness``, ``aopc`` or ``randomisation`` (columns in
+        ``lrpscale.run.evaluation``), of ``settings_id`` or, when None, the latest evaluation."""
+        if table not in EVALUATION_TABLES:
+            raise KeyError(f"unknown evaluation table {table!r}; choose from {', '.join(EVALUATION_TABLES)}")
+        done = self.evaluations()
+        if done.empty:
+            raise FileNotFoundError(f"{self.store.location} has no evaluation; run `lrpscale evaluate {self.store.location}`")
+        if settings_id is None:
+            settings_id = done["settings_id"].iloc[-1]
+        elif settings_id not in set(done["settings_id"]):
+            raise KeyError(f"no evaluation {settings_id!r} in {self.store.location}; it has: {', '.join(done['settings_id'])}")
+        return self.store.read_parquet(f"{EVALUATION}/{settings_id}/{table}.parquet").to_pandas()
 
     def _classes_table(self, name: str, **options) -> pd.DataFrame:
         """A table the reducer wrote, as pandas."""

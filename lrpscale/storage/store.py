@@ -9,6 +9,7 @@ next). Its layout::
     <table>/part-NNNNN.parquet  one file per shard in each table (images, neurons, ...)
     classes/                  the reducer's output
     compare-<run>/            comparisons written into this run
+    evaluation/<settings id>/ faithfulness and randomisation checks (``lrpscale evaluate``)
     report.html               the HTML report
 
 Exactly once rests on the markers: a shard's table files count only once its marker exists, and
@@ -38,6 +39,7 @@ COMMITS = "_commits"
 CLASSES = "classes"
 REPORT = "report.html"
 COMPARE_PREFIX = "compare-"
+EVALUATION = "evaluation"
 
 
 def safe_name(name) -> str:
@@ -96,8 +98,8 @@ class RunStore:
 
     def owned(self) -> list[pafs.FileInfo]:
         """The entries lrpscale wrote: tables, markers, listing, run.json, the reducer's
-        classes/, comparisons, the report and temporary files of interrupted writes."""
-        names = {*TABLES, COMMITS, LISTING, RUN_JSON, CLASSES, REPORT}
+        classes/, comparisons, evaluations, the report and temporary files of interrupted writes."""
+        names = {*TABLES, COMMITS, LISTING, RUN_JSON, CLASSES, REPORT, EVALUATION}
         return sorted((entry for entry in self.entries()
                        if entry.base_name in names or entry.base_name.startswith(COMPARE_PREFIX)
                        or (entry.base_name.startswith(".") and entry.base_name.endswith(".tmp"))),
