@@ -108,9 +108,11 @@ class RunStore:
     def check_location(self, input_spec: str) -> None:
         """Refuse a location that would mix the run with other files: a file, a folder inside the
         input (or the input itself), or a folder that holds other files and no run."""
-        # a pattern's folder is what lies before its first wildcard
-        source_fs, source = resolve(re.split(r"[*?\[{]", input_spec)[0] or ".")
-        if type(source_fs) is type(self.fs) and (self.root == source or self.root.startswith(source.rstrip("/") + "/")):
+        # a pattern's folder is what lies before its first wildcard; an input and an output on
+        # different filesystems cannot hold one another (resolving an input URI may need the network)
+        prefix = re.split(r"[*?\[{]", input_spec)[0] or "."
+        source = resolve(prefix)[1] if ("://" in prefix) == ("://" in self.location) else None
+        if source is not None and (self.root == source or self.root.startswith(source.rstrip("/") + "/")):
             raise ValueError(f"--output {self.location} lies inside --input {input_spec}: the run's files would "
                              "mix with the images; choose an output folder outside the input")
         if self.is_file():
