@@ -345,7 +345,7 @@ def report(args: argparse.Namespace) -> int:
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run directory")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="M",
+    parser.add_argument("--composites", "--methods", dest="methods", nargs="+", default=None, metavar="NAME",
                         help=f"LRP composites to evaluate: {', '.join(COMPOSITE_NAMES)} (default all four); "
                         "gradient and gradient_x_input are always added as baselines")
     parser.add_argument("--sample", type=int, default=64, metavar="N", help="images drawn from the run (default 64)")
@@ -353,10 +353,11 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the sample, the random perturbation order and the random weights (default 0)")
     parser.add_argument("--steps", type=int, default=10, metavar="L",
                         help="region perturbation steps to half of the patches (default 10)")
-    parser.add_argument("--cascade-sample", type=int, default=16, metavar="N",
-                        help="first images of the sample in the cascading randomisation (default 16; 0 skips it)")
-    parser.add_argument("--mprt-sample", type=int, default=32, metavar="N",
-                        help="first images of the sample in eMPRT (default 32; 0 skips it)")
+    parser.add_argument("--cascade-sample", type=int, default=64, metavar="N",
+                        help="images in the cascading randomisation, drawn as --sample's are (default 64; 0 skips it; "
+                             "each costs layers + 1 heatmaps per method)")
+    parser.add_argument("--mprt-sample", type=int, default=256, metavar="N",
+                        help="images in eMPRT, drawn as --sample's are (default 256; 0 skips it; 2 heatmaps each per method)")
     parser.add_argument("--device", default="auto",
                         help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 

@@ -50,6 +50,11 @@ class AnalysisConfig:
     |r| instead of r. deconv_layers/deconv_per_layer/deconv_mode: which selected neurons are
     reconstructed (default the top neuron of the last conv layer). heatmap_size/deconv_size:
     side of the stored low-resolution pictures. target: "pred" or "label".
+    faithfulness_*: the audit's region perturbation stage (docs/method.md §16): the share of
+    images drawn (seeded per image_id by ``faithfulness_seed``; 0 turns the stage off, 1 takes
+    every image), its steps, the fraction of the image removed and the patch side (None: the
+    image side // 28). The default share costs about 0.47 heatmaps per run image (11.7 per
+    sampled image).
 
     Checked on construction (``ConfigError`` keyed ``analysis.<field>``). Sequences are stored
     as tuples, so a config is hashable. A layer list is None or a non-empty list of names; a
@@ -70,6 +75,11 @@ class AnalysisConfig:
     heatmap_size: int = 56
     deconv_size: int = 32
     target: str = "pred"
+    faithfulness_sample: float = 0.04
+    faithfulness_steps: int = 10
+    faithfulness_fraction: float = 0.5
+    faithfulness_patch_size: int | None = None
+    faithfulness_seed: int = 0
 
     def __post_init__(self):
         key = "analysis.{}".format
@@ -88,6 +98,12 @@ class AnalysisConfig:
             "heatmap_size": _positive_int(key("heatmap_size"), self.heatmap_size),
             "deconv_size": _positive_int(key("deconv_size"), self.deconv_size),
             "target": _choice(key("target"), self.target, TARGETS),
+            "faithfulness_sample": _share(key("faithfulness_sample"), self.faithfulness_sample, zero=True),
+            "faithfulness_steps": _positive_int(key("faithfulness_steps"), self.faithfulness_steps),
+            "faithfulness_fraction": _share(key("faithfulness_fraction"), self.faithfulness_fraction, zero=False),
+            "faithfulness_patch_size": _positive_int(key("faithfulness_patch_size"), self.faithfulness_patch_size,
+                                                     optional=True),
+            "faithfulness_seed": _seed(key("faithfulness_seed"), self.faithfulness_seed),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # frozen: the normalised value replaces the given one
@@ -287,6 +303,21 @@ def _amount(key: str, value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ConfigError(key, f"{value!r} is not a finite number >= 0")
     return int(value) if _is_int(value) else float(value)
+
+
+def _share(key: str, value: object, *, zero: bool) -> int | float:
+    """A number in [0, 1] (``zero=False``: in (0, 1]); an int stays an int, as in ``_amount``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1
+            or (value == 0 and not zero)):
+        bounds = "[0, 1]" if zero else "(0, 1]"
+        raise ConfigError(key, f"{value!r} is not a number in {bounds}")
+    return int(value) if _is_int(value) else float(value)
+
+
+def _seed(key: str, value: object) -> int:
+    if not _is_int(value) or value < 0:
+        raise ConfigError(key, f"{value!r} is not an integer >= 0")
+    return int(value)
 
 
 def _is_list(value: object) -> bool:

@@ -17,6 +17,9 @@ ANALYSIS_DEFAULTS = {
     "composite": "epsilon-gamma-box", "sweep_layers": None, "ks": [1, 4, 16, 64], "score_metric": "smape",
     "score_target": 50.0, "path_layers": None, "path_k": 4, "absolute": False, "deconv_layers": None,
     "deconv_per_layer": 1, "deconv_mode": "all", "heatmap_size": 56, "deconv_size": 32, "target": "pred",
+    # the audit's region perturbation stage (added with the faithfulness checks: new run ids from then on)
+    "faithfulness_sample": 0.04, "faithfulness_steps": 10, "faithfulness_fraction": 0.5,
+    "faithfulness_patch_size": None, "faithfulness_seed": 0,
 }
 RUN_DEFAULTS = {
     "input": "in", "output": "out", "model": "vgg16", "weights": None, "input_kind": None, "image_size": None,
@@ -38,6 +41,9 @@ BAD_ANALYSIS = [
     ("score_target", -1), ("score_target", math.nan), ("score_target", math.inf), ("score_target", "50"),
     ("score_target", True),
     ("absolute", "yes"), ("absolute", 1),
+    ("faithfulness_sample", -0.1), ("faithfulness_sample", 1.5), ("faithfulness_sample", "all"),
+    ("faithfulness_sample", True), ("faithfulness_fraction", 0), ("faithfulness_fraction", 2),
+    ("faithfulness_steps", 0), ("faithfulness_patch_size", 0), ("faithfulness_seed", -1), ("faithfulness_seed", 1.5),
     ("sweep_layers", "conv5_3"), ("sweep_layers", []), ("sweep_layers", [""]), ("sweep_layers", [3]),
     ("path_layers", "fc6,fc7"), ("path_layers", 7),
     ("deconv_layers", ["conv5_3", None]),

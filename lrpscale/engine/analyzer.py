@@ -22,6 +22,7 @@ from lrpscale.config import AnalysisConfig
 from lrpscale.engine.critical_path import Selected, critical_path, default_path_layers
 from lrpscale.engine.deconvolution import deconvolve_many
 from lrpscale.engine.explainer import Explainer, conservation_error
+from lrpscale.engine.faithfulness import ORDERS, PerturbationCurves, region_perturbation
 from lrpscale.engine.selection import VARIANTS, Sweep, neuron_totals, rank_neurons, sweep
 
 Tensor = torch.Tensor
@@ -35,6 +36,8 @@ class BatchAnalysis:
     logits: (N, K); target: (N,); initial: (N,); totals: {layer or "input": (N,)};
     conservation_error: (N,); sweeps: {layer: Sweep}; selected: {layer: Selected}; nodes/edges:
     per-image path records; deconv: {layer: (neurons (N, J), reconstructions (N, J, 3, d, d))}.
+    perturbed: (M,) rows of the images whose region perturbation curves ``curves`` holds (M of N,
+    in that order; docs/method.md §16), or None when no image of the batch was sampled.
     """
 
     heatmap: Tensor
@@ -50,6 +53,8 @@ class BatchAnalysis:
     nodes: list[list[dict]]
     edges: list[list[dict]]
     deconv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    perturbed: Tensor | None = None
+    curves: PerturbationCurves | None = None
 
     def records(self) -> list[dict]:
         """One plain-Python record per image: scalars, the small heatmap as a float32 array, and
@@ -73,6 +78,7 @@ class BatchAnalysis:
         score_lists = {layer: {variant: tuple(t.tolist() for t in result.scores[variant]) for variant in VARIANTS}
                        for layer, result in self.sweeps.items()}
         chosen_index = {layer: result.chosen.tolist() for layer, result in self.sweeps.items()}
+        curve_points = self._curve_points()
         rows = []
         for n in range(len(targets)):
             neurons = [{"layer": layer, "neuron": neuron, "rank": rank, "relevance": relevance[n][neuron],
@@ -106,8 +112,22 @@ class BatchAnalysis:
                 "scores": scores,
                 "edges": self.edges[n],
                 "deconv": deconvs,
+                "faithfulness": curve_points.get(n, []),
             })
         return rows
+
+    def _curve_points(self) -> dict[int, list[dict]]:
+        """{image row: its curve points (order, step, fraction, logit, prob), orders in ``ORDERS``
+        order, steps ascending}; only the perturbed images have one."""
+        if self.curves is None:
+            return {}
+        fractions = self.curves.fractions.tolist()
+        logits = {order: self.curves.logits[order].tolist() for order in ORDERS}
+        probs = {order: self.curves.probs[order].tolist() for order in ORDERS}
+        return {n: [{"order": order, "step": step, "fraction": fraction, "logit": logits[order][m][step],
+                     "prob": probs[order][m][step]}
+                    for order in ORDERS for step, fraction in enumerate(fractions)]
+                for m, n in enumerate(self.perturbed.tolist())}
 
 
 def use_tf32(enabled: bool) -> None:
@@ -140,8 +160,10 @@ def area_resize(pictures: Tensor, size: int) -> Tensor:
 class Analyzer:
     """Holds one model replica and its explainer; call it with a batch of images.
 
-    ``__call__(x (N, 3, H, W), labels=None) -> BatchAnalysis``. Construct once per worker: rule
-    weights are prepared here and reused for every batch.
+    ``__call__(x (N, 3, H, W), labels=None, perturb=None) -> BatchAnalysis``; ``perturb``: (N,)
+    int64 per-image seeds of the random patch order for the images whose region perturbation
+    curves are wanted, -1 for the others (the caller draws the sample). Construct once per
+    worker: rule weights are prepared here and reused for every batch.
     """
 
     def __init__(self, model: torch.nn.Module, config: AnalysisConfig | None = None):
@@ -160,7 +182,7 @@ class Analyzer:
                              "are what gets reconstructed)")
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, labels: Tensor | None = None) -> BatchAnalysis:
+    def __call__(self, x: Tensor, labels: Tensor | None = None, perturb: Tensor | None = None) -> BatchAnalysis:
         cfg, explainer = self.config, self.explainer
         record = explainer.forward(x)
         if cfg.target == "label":
@@ -206,7 +228,17 @@ class Analyzer:
             channels = selected[layer].order[:, :j]
             pictures = deconvolve_many(explainer, record, layer, channels, cfg.deconv_mode)
             deconv[layer] = (channels, area_resize(pictures, cfg.deconv_size))
+        perturbed = curves = None
+        if perturb is not None and bool((perturb >= 0).any()):
+            # the heatmap just computed is the attribution: only forwards of perturbed copies remain
+            perturb = perturb.to(heatmap.device)
+            perturbed = (perturb >= 0).nonzero()[:, 0]
+            curves = region_perturbation(explainer.model, x.to(heatmap.device)[perturbed], heatmap[perturbed],
+                                         target[perturbed], patch_size=cfg.faithfulness_patch_size,
+                                         steps=cfg.faithfulness_steps, fraction=cfg.faithfulness_fraction,
+                                         seed=perturb[perturbed].cpu())
         return BatchAnalysis(
             heatmap=heatmap, heatmap_small=area_resize(heatmap.sum(1), cfg.heatmap_size), logits=record.logits,
             target=target, initial=initial_values, totals=totals, conservation_error=conservation, sweeps=sweeps,
-            selected=selected, path_layers=self.path_layers, nodes=nodes, edges=edges, deconv=deconv)
+            selected=selected, path_layers=self.path_layers, nodes=nodes, edges=edges, deconv=deconv,
+            perturbed=perturbed, curves=curves)

@@ -108,6 +108,19 @@ class PerturbationCurves:
         return (self.logits if on == "logit" else self.probs)[order]
 
 
+def default_patch_size(side: int) -> int:
+    """The default patch side p for an image side: ``max(1, side // 28)`` (8 at 224 px, 1 at 32 px)."""
+    return max(1, side // 28)
+
+
+def check_settings(side: int, patch_size: int | None, steps: int, fraction: float) -> None:
+    """Raise ValueError when region perturbation cannot run on square images of ``side`` pixels
+    with these settings (fewer patches to remove than steps), before any image is perturbed."""
+    p = default_patch_size(side) if patch_size is None else patch_size
+    cells = -(-side // p)  # the padded grid's side
+    removal_counts(cells * cells, steps, fraction)
+
+
 def padding(size: int, patch_size: int) -> tuple[int, int]:
     """(before, after) padding that makes ``size`` a multiple of ``patch_size``, split as
     Quantus's ``get_padding_size`` splits it (the odd pixel after)."""
@@ -253,7 +266,7 @@ def region_perturbation(model: nn.Module, x: Tensor, attributions: Tensor, targe
     x = x.to(device, dtype)
     a = _as_attributions(attributions, x).to(device)
     n, channels, h, w = x.shape
-    p = max(1, h // 28) if patch_size is None else int(patch_size)
+    p = default_patch_size(h) if patch_size is None else int(patch_size)
     if p < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
 

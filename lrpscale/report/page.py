@@ -66,6 +66,7 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
     labels = run.layer_labels
     sections = [("summary", "Run summary", _summary_section(run, rows)),
                 ("classes", "Class gallery", _gallery_section(run, labels, gallery, classes)),
+                ("trust", "Can the heatmaps be trusted?", _trust_section(run, rows)),
                 ("worst", "Worst-explained images", _worst_section(run, labels, rows)),
                 ("errors", "Errors", _errors_section(run, rows))]
     if compare is not None:
@@ -189,6 +190,73 @@ def gallery_classes(heatmaps: pd.DataFrame, count: int, chosen: Sequence[str] | 
     worst = sorted(classes, key=lambda c: (heatmaps.loc[c, "accuracy"], class_order(c)))[:count]
     return worst, (f"The {count} of {len(classes)} classes with the lowest accuracy, lowest first (pick others "
                    "with --classes, or more with --gallery).")
+
+
+def _trust_section(run: Run, rows: int) -> str:
+    """Faithfulness of the run's heatmaps on the audit's perturbed sample (curves, per-class AOPC)
+    and, once ``lrpscale evaluate`` ran, every composite against the gradient baselines with the
+    randomisation cascade (docs/method.md §16-17)."""
+    from lrpscale.report import trust_figures
+    from lrpscale.results.faithfulness import ORDERS, mean_curves
+
+    analysis = run.info.get("config", {}).get("analysis", {})
+    composite = run.info.get("composite") or analysis.get("composite")
+    heatmaps = run.class_heatmaps
+    parts = ['<p class=note>Region perturbation removes the patches a heatmap ranks most relevant first (MoRF): '
+             "the target logit should fall faster than when the same patches go in a random order. AOPC is the mean "
+             "drop over the steps; MoRF minus random near 0 or below means the heatmap ranks regions no better than "
+             "chance.</p>"]
+    curves = run.faithfulness_curves if "faithfulness_images" in heatmaps else pd.DataFrame()
+    by_pred = curves[curves["by"] == "pred"] if len(curves) else curves
+    if by_pred.empty:
+        parts.append(f"<p class=note>No image of this run was perturbed (analysis.faithfulness_sample = "
+                     f"{html.escape(_text(analysis.get('faithfulness_sample')))}).</p>")
+    else:
+        # each perturbed image is in exactly one predicted class: class means weighted by images give the run's
+        weighted = by_pred.assign(total=by_pred["drop"] * by_pred["images"])
+        overall = weighted.groupby(["order", "step"], as_index=False).agg(
+            fraction=("fraction", "first"), images=("images", "sum"), total=("total", "sum"))
+        overall["drop"] = overall["total"] / overall["images"]
+        classes = heatmaps[(heatmaps["by"] == "pred") & (heatmaps["faithfulness_images"] > 0)]
+        perturbed = int(classes["faithfulness_images"].sum())
+        aopc = {order: float((classes[f"aopc_{order}"] * classes["faithfulness_images"]).sum() / perturbed)
+                for order in ORDERS}
+        share = analysis.get("faithfulness_sample")
+        title = f"{composite}: {perturbed} perturbed images ({percent(share) if share else share} seeded sample)"
+        parts.append(_figure_html(trust_figures.perturbation_curves_figure(overall, aopc={None: aopc}, title=title),
+                                  "mean drop of the target logit against the fraction removed, per order", "figure"))
+        per_class = heatmaps[(heatmaps["by"] == "label") & (heatmaps["faithfulness_images"] > 0)]
+        per_class = per_class.sort_values(["morf_minus_random", "class"], key=lambda c: c.map(class_order)
+                                          if c.name == "class" else c, ignore_index=True)
+        shown = per_class[["class", "faithfulness_images", "aopc_morf", "aopc_random", "aopc_lerf", "morf_minus_random"]]
+        shown = shown.rename(columns={"faithfulness_images": "perturbed images"})
+        note = (f"{len(per_class)} classes (by label), least faithful first" if len(per_class) <= rows else
+                f"the {rows} of {len(per_class)} classes (by label) whose heatmaps beat the random order least")
+        parts.append(f"<h3>AOPC per class</h3><p class=note>{html.escape(note)}</p>"
+                     + _table(shown.head(rows), {name: "{:.3g}".format for name in shown.columns[2:]}))
+    evaluations = run.evaluations()
+    if evaluations.empty:
+        parts.append("<p class=note>Run <code>lrpscale evaluate RUN</code> to compare every composite with the "
+                     "gradient baselines on a sample and to check that the heatmaps depend on the model "
+                     "(randomisation cascade, eMPRT).</p>")
+        return "\n".join(parts)
+    summary = run.evaluation_summary()
+    methods = pd.DataFrame(summary["methods"])
+    parts.append(f"<h3>Composites against gradient baselines</h3><p class=note>Evaluation "
+                 f"{html.escape(summary['settings_id'])}: {summary['images']} images; most faithful composite "
+                 f"(largest MoRF minus random): <b>{html.escape(_text(summary.get('most_faithful')))}</b>. "
+                 "After the last cascade step a heatmap should keep no rank correlation (near 0); an eMPRT entropy "
+                 "ratio above 1 means the heatmap turns to noise when the model does.</p>"
+                 + _table(methods, {name: "{:.3g}".format for name in methods.columns if name != "method"}))
+    points = run.evaluation("faithfulness")
+    method_curves = mean_curves(points, ("method", "order"))
+    aopc_of = {row["method"]: {order: row[f"aopc_{order}"] for order in ORDERS} for row in summary["methods"]}
+    parts.append(_figure_html(trust_figures.perturbation_curves_figure(method_curves, panel="method", aopc=aopc_of),
+                              "mean drop of the target logit per method and order", "figure"))
+    checks = run.evaluation("randomisation")
+    if (checks["check"] == "cascade").any():
+        parts.append(_figure_html(trust_figures.cascade_figure(checks), "randomisation cascade per method", "figure"))
+    return "\n".join(parts)
 
 
 def _worst_section(run: Run, labels: dict[str, str], rows: int) -> str:
@@ -449,6 +517,7 @@ figcaption { font-size: 12px; color: #444; max-width: 420px; }
 img { max-width: 100%; height: auto; }
 img.map { image-rendering: pixelated; border: 1px solid #ccc; }
 img.curves { max-width: min(100%, 600px); }
+img.figure { max-width: min(100%, 1000px); }
 .overview { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0; }
 .thumb { display: flex; flex-direction: column; align-items: center; font-size: 12px; color: #222;
   text-decoration: none; text-align: center; }

@@ -3,7 +3,8 @@
 Per class, both by true label and by prediction: the summary heatmap (mean of the per-image
 heatmaps, each divided by its sum of |H|), how often each neuron is selected and its mean
 relevance, how often each critical-path edge appears and its mean weight, the MSE/SMAPE curves
-against k and the chosen-k counts. Tables are read one file at a time, in chunks of about a
+against k and the chosen-k counts, and the AOPC of the images the audit perturbed
+(``lrpscale.results.faithfulness``). Tables are read one file at a time, in chunks of about a
 million rows (string columns dictionary-encoded). Neurons and edges fold into dense per-class
 arrays (``class_counts``), the k curves into Arrow hash aggregates merged as they come, so
 memory depends on the number of classes and neurons, not images. Edges are counted among each
@@ -28,11 +29,13 @@ import pyarrow.parquet as pq
 
 from lrpscale.graph import OUTPUT, path_graph
 from lrpscale.results.class_counts import BY, ClassIndex, EdgeCounts, NeuronCounts, TargetCounts, class_order
+from lrpscale.results.faithfulness import AOPC_COLUMNS, class_faithfulness
 from lrpscale.storage import tables
 from lrpscale.storage.store import CLASSES, RunStore, safe_name
 from lrpscale.storage.tables import tensor_column
 
 CHOSEN_SCORES = "chosen_scores.parquet"
+FAITHFULNESS_CURVES = "faithfulness_curves.parquet"
 
 
 def _batches(run: RunStore, table: str, columns: list[str], batch_size: int = 4096, dictionaries: tuple[str, ...] = ()):
@@ -118,9 +121,13 @@ def reduce_run(run: str | Path | RunStore, top_nodes: int = 8, min_edge_frequenc
     curve_stats = _fold(run, "scores", ["label", "pred", "layer", "k", "variant", "mse", "smape", "chosen"],
                         ("layer", "k", "variant"), ("mse", "smape", "chosen"))
 
+    class_aopc, faithfulness_curves = class_faithfulness(run)
+
     def display(by: str, cls: str) -> str:
         return pred_names.get(cls, cls) if by == "pred" else cls
 
+    # per-class AOPC of the sampled images (docs/method.md §16); null for a class none of whose images was sampled
+    aopc = class_aopc.set_index(["by", "class"]).reindex(list(summaries))
     heatmaps = pa.table({
         "by": [by for by, _ in summaries], "class": [cls for _, cls in summaries],
         "class_name": [display(by, cls) for by, cls in summaries],
@@ -128,8 +135,13 @@ def reduce_run(run: str | Path | RunStore, top_nodes: int = 8, min_edge_frequenc
         "accuracy": [s.correct / s.images for s in summaries.values()],
         "heatmap": tensor_column([(s.heatmap_sum / s.images).astype(np.float32) for s in summaries.values()],
                                  side, pa.float32()),
+        "faithfulness_images": pa.array(aopc["images"].fillna(0).to_numpy(np.int64)),
+        **{name: pa.array(aopc[name].to_numpy(np.float64), pa.float64(), from_pandas=True)
+           for name in AOPC_COLUMNS},
     })
     run.write_parquet(f"{CLASSES}/summary_heatmaps.parquet", heatmaps)
+    run.write_parquet(f"{CLASSES}/{FAITHFULNESS_CURVES}",
+                      pa.Table.from_pandas(faithfulness_curves, preserve_index=False))
     edges = _frame(edge_stats, edge_keys, images_of)
     curves = _frame(curve_stats, ("layer", "k", "variant"), images_of)
     curves = curves.rename(columns={"mean_chosen": "chosen_fraction"})

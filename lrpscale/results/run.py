@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lrpscale.graph import path_graph
-from lrpscale.results.reducer import CHOSEN_SCORES, class_graph
+from lrpscale.results.reducer import CHOSEN_SCORES, FAITHFULNESS_CURVES, class_graph
 from lrpscale.storage import tables
 from lrpscale.storage.store import CLASSES, EVALUATION, RunStore
 from lrpscale.storage.tables import square_picture
@@ -34,7 +34,7 @@ EVALUATION_SUMMARY = "summary.json"
 
 class Run:
     """A run directory. Tables are read lazily and cached: ``images``, ``neurons``, ``scores``,
-    ``edges``, ``deconv``, ``errors`` (pandas DataFrames)."""
+    ``edges``, ``deconv``, ``faithfulness``, ``errors`` (pandas DataFrames)."""
 
     def __init__(self, path: str | Path | RunStore):
         self.store = path if isinstance(path, RunStore) else RunStore(path)
@@ -91,6 +91,7 @@ class Run:
     scores = cached_property(lambda self: self.table("scores"))
     edges = cached_property(lambda self: self.table("edges"))
     deconv = cached_property(lambda self: self.table("deconv"))
+    faithfulness = cached_property(lambda self: self.table("faithfulness"))
     errors = cached_property(lambda self: self.table("errors"))
 
     def heatmap(self, image_id: str) -> np.ndarray:
@@ -144,6 +145,11 @@ class Run:
         return self._classes_table("k_curves.parquet")
 
     @cached_property
+    def faithfulness_curves(self) -> pd.DataFrame:
+        """Mean region perturbation curves per class and order (reducer; docs/method.md §16)."""
+        return self._classes_table(FAITHFULNESS_CURVES)
+
+    @cached_property
     def chosen_scores(self) -> pd.DataFrame:
         """The scores at each image's chosen k, one row per image, layer and variant (reducer)."""
         return self._classes_table(CHOSEN_SCORES)
@@ -189,14 +195,24 @@ class Run:
         ``lrpscale.run.evaluation``), of ``settings_id`` or, when None, the latest evaluation."""
         if table not in EVALUATION_TABLES:
             raise KeyError(f"unknown evaluation table {table!r}; choose from {', '.join(EVALUATION_TABLES)}")
+        settings_id = self._evaluation_id(settings_id)
+        return self.store.read_parquet(f"{EVALUATION}/{settings_id}/{table}.parquet").to_pandas()
+
+    def evaluation_summary(self, settings_id: str | None = None) -> dict:
+        """An evaluation's summary.json (``most_faithful``, per-method ``methods`` rows, images,
+        seconds) of ``settings_id`` or, when None, the latest evaluation."""
+        settings_id = self._evaluation_id(settings_id)
+        return json.loads(self.store.read_bytes(f"{EVALUATION}/{settings_id}/{EVALUATION_SUMMARY}"))
+
+    def _evaluation_id(self, settings_id: str | None) -> str:
         done = self.evaluations()
         if done.empty:
             raise FileNotFoundError(f"{self.store.location} has no evaluation; run `lrpscale evaluate {self.store.location}`")
         if settings_id is None:
-            settings_id = done["settings_id"].iloc[-1]
-        elif settings_id not in set(done["settings_id"]):
+            return done["settings_id"].iloc[-1]
+        if settings_id not in set(done["settings_id"]):
             raise KeyError(f"no evaluation {settings_id!r} in {self.store.location}; it has: {', '.join(done['settings_id'])}")
-        return self.store.read_parquet(f"{EVALUATION}/{settings_id}/{table}.parquet").to_pandas()
+        return settings_id
 
     def _classes_table(self, name: str, **options) -> pd.DataFrame:
         """A table the reducer wrote, as pandas."""
@@ -213,5 +229,6 @@ def open_run(path: str | Path) -> Run:
 
 def _empty(table: str) -> pa.Table:
     schemas = {"images": tables.images_schema(1), "neurons": tables.NEURONS, "scores": tables.SCORES,
-               "edges": tables.EDGES, "deconv": tables.deconv_schema(1), "errors": tables.ERRORS}
+               "edges": tables.EDGES, "deconv": tables.deconv_schema(1), "faithfulness": tables.FAITHFULNESS,
+               "errors": tables.ERRORS}
     return schemas[table].empty_table()

@@ -11,6 +11,7 @@ from lrpscale.config import AnalysisConfig
 from lrpscale.engine.analyzer import Analyzer, use_tf32
 from lrpscale.engine.models import load_model
 from lrpscale.inputs.errors import ERROR_FIELDS
+from lrpscale.run.sampling import image_seed, in_sample
 from lrpscale.storage import tables
 
 
@@ -36,7 +37,8 @@ class AnalyzerActor:
     Takes a ``data.load_batch`` output (numpy columns) and returns a ``tables.RESULT`` table with
     one row per input, each naming the Ray node that analysed it. A batch that fails in the model
     is retried image by image, so one bad input becomes an ``analyze`` error row instead of
-    taking its batch down.
+    taking its batch down. The images of the seeded faithfulness sample (``in_sample`` of the
+    image_id, share ``faithfulness_sample``) also get their region perturbation curves.
     """
 
     def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
@@ -71,8 +73,9 @@ class AnalyzerActor:
     def _analyse(self, batch, indices: list[int]) -> list[dict]:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][indices])).to(self.device)
         labels = label_indices([_text(batch["label"][i]) for i in indices], self.classes, self.num_classes)
+        perturb = self._perturbation_seeds([str(batch["image_id"][i]) for i in indices])
         try:
-            return self._records(pixels, labels)
+            return self._records(pixels, labels, perturb)
         except Exception:
             if len(indices) == 1:
                 raise
@@ -82,17 +85,24 @@ class AnalyzerActor:
                 if self.config.target == "label" and labels[position] is None:
                     raise ValueError(f"label {_text(batch['label'][i])!r} is not one of the model's classes "
                                      "(target is the label)")
-                out.extend(self._records(pixels[position:position + 1], labels[position:position + 1]))
+                out.extend(self._records(pixels[position:position + 1], labels[position:position + 1],
+                                         perturb[position:position + 1]))
             except Exception as error:  # the image, not the run, fails
                 out.append({"error_stage": "analyze", "error_type": type(error).__name__,
                             "error_message": str(error)[:2000]})
         return out
 
-    def _records(self, pixels: torch.Tensor, labels: list[int | None]) -> list[dict]:
+    def _perturbation_seeds(self, image_ids: list[str]) -> torch.Tensor:
+        """(N,) int64: each sampled image's seed of its random patch order, -1 for the others."""
+        seed, share = self.config.faithfulness_seed, self.config.faithfulness_sample
+        return torch.tensor([image_seed(seed, image_id) if share and in_sample(seed, image_id, share) else -1
+                             for image_id in image_ids], dtype=torch.int64)
+
+    def _records(self, pixels: torch.Tensor, labels: list[int | None], perturb: torch.Tensor) -> list[dict]:
         if self.config.target == "label" and any(label is None for label in labels):
             raise ValueError("target='label' but the label is missing or not one of the model's classes")
         label_tensor = torch.tensor([-1 if l is None else l for l in labels], device=self.device)
-        analysis = self.analyzer(pixels, label_tensor if self.config.target == "label" else None)
+        analysis = self.analyzer(pixels, label_tensor if self.config.target == "label" else None, perturb)
         return [tables.result_row(record, self.classes[record["pred"]] if self.classes else str(record["pred"]))
                 for record in analysis.records()]
 

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from lrpscale import __version__
 from lrpscale.config import RunConfig
+from lrpscale.engine import faithfulness
 from lrpscale.engine.analyzer import Analyzer
 from lrpscale.engine.models import input_normalization, layer_aliases, load_model
 from lrpscale.inputs import decoding, sources
@@ -92,8 +93,11 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     model = load_model(config.model, config.weights)
     mean, std = input_normalization(model)
     config = replace(config, image_size=config.image_size or model.lrpscale_image_size)
-    try:  # unknown layer names fail here, not inside every actor
+    try:  # unknown layer names and perturbation settings too coarse for the image fail here, not in every actor
         Analyzer(model, config.analysis)
+        if config.analysis.faithfulness_sample:
+            faithfulness.check_settings(config.image_size, config.analysis.faithfulness_patch_size,
+                                        config.analysis.faithfulness_steps, config.analysis.faithfulness_fraction)
     except (KeyError, ValueError) as error:
         raise ValueError(f"analysis: {error.args[0] if error.args else error}") from None
     key = fingerprint(config, model.lrpscale_model_id)
@@ -175,7 +179,7 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
             if len(seen[shard]) == expected[shard]:
                 result = pa.concat_tables(pieces.pop(shard))
                 shard_tables = tables.split_result(result, side, deconv_side, config.analysis.deconv_mode,
-                                                   model.lrpscale_model_id, run_id)
+                                                   model.lrpscale_model_id, run_id, config.analysis.composite)
                 nodes = pc.unique(result.column("node_id")).drop_null().to_pylist()
                 store.commit(shard, shard_tables, result.num_rows, nodes)
                 pending_set.discard(shard)

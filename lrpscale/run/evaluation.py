@@ -12,16 +12,20 @@ for the run's stored target (the ``target`` column of its images table). Then:
 - ``region_perturbation`` (``lrpscale.engine.faithfulness``) in all three orders (MoRF, LeRF,
   random) on all sampled images, batched. The random order of an image is seeded by ``seed`` and
   its image_id, so it is the same for every method and every sample that holds the image.
-- ``cascade`` on the first ``cascade_sample`` images of the sample and ``efficient_mprt`` on the
-  first ``mprt_sample`` (``lrpscale.engine.randomisation``), seeded by ``seed``.
+- ``cascade`` on ``cascade_sample`` images and ``efficient_mprt`` on ``mprt_sample`` images
+  (``lrpscale.engine.randomisation``), seeded by ``seed``.
+
+The three samples are prefixes of one seeded permutation of the run's analysed images, so the
+smaller ones lie inside the larger and one decode serves all.
 
 Cost, in heatmaps of the run's model (benchmarks/README.md, "faithfulness.py"): per method,
 region perturbation costs about 11.7 heatmaps per sampled image at the defaults (10 steps to half
 the patches, 3 orders: 31 forwards per image), plus the heatmap itself; the cascade costs
 (layers + 1) heatmaps per image (17 for a VGG16) and eMPRT 2. At the defaults (6 methods, 64
-images, 16 cascade and 32 eMPRT images) that is about 6 x (64 x 12.7 + 16 x 17 + 32 x 2) = 6900
-heatmaps (gradient heatmaps are cheaper than LRP ones, so somewhat less), about 2 h of a 2-core
-CPU at 224 px with a VGG16 (~1 s per heatmap) and minutes on a GPU.
+images, 64 cascade and 256 eMPRT images) that is about 6 x (64 x 12.7 + 64 x 17 + 256 x 2) =
+14,500 heatmaps (gradient heatmaps are cheaper than LRP ones, so somewhat less): about 4 h of a
+2-core CPU at 224 px with a VGG16 (~1 s per heatmap) and minutes on a GPU. On a CPU, pass
+smaller samples (``--cascade-sample 8 --mprt-sample 16``).
 
 Written through the run store to ``RUN/evaluation/<settings id>/`` (the id is a short sha256 of
 the settings, so other settings never mix with these rows and the same settings replace them):
@@ -63,6 +67,7 @@ from lrpscale.engine.faithfulness import ORDERS, region_perturbation
 from lrpscale.engine.models import input_normalization, load_model
 from lrpscale.inputs import decoding
 from lrpscale.results.run import EVALUATION_SETTINGS, EVALUATION_SUMMARY, EVALUATION_TABLES, Run
+from lrpscale.run.sampling import image_seed
 from lrpscale.storage.store import EVALUATION, RunStore
 
 log = logging.getLogger(__name__)
@@ -126,17 +131,16 @@ def settings_id_of(settings: dict) -> str:
 
 def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str] | None = None, sample: int = 64,
                  seed: int = 0, steps: int = 10, fraction: float = 0.5, patch_size: int | None = None,
-                 cascade_sample: int = 16, mprt_sample: int = 32, device: str = "auto") -> Evaluation:
+                 cascade_sample: int = 64, mprt_sample: int = 256, device: str = "auto") -> Evaluation:
     """Evaluate a run's explanations (module docstring) and write the tables into the run.
 
     run: a run location (or its ``RunStore``/``Run``). methods: LRP composite names (default all
     of ``COMPOSITE_NAMES``); "gradient" and "gradient_x_input" are always added. sample: images
-    drawn (all when the run has fewer): the run's analysed image_ids, sorted, then
-    ``numpy.random.default_rng(seed).choice`` without replacement, so the same seed on the same
-    run draws the same images. steps, fraction, patch_size: region perturbation's (default
-    patch side ``max(1, S // 28)``). cascade_sample, mprt_sample: how many of the sample's first
-    images the cascade and eMPRT see (0: skip). device: "auto" (cuda when available), "cpu",
-    "cuda", "cuda:1", ...
+    of the faithfulness check (all when the run has fewer), the first of ``draw_sample``'s seeded
+    permutation, so the same seed on the same run draws the same images. steps, fraction,
+    patch_size: region perturbation's (default patch side ``max(1, S // 28)``). cascade_sample,
+    mprt_sample: images of the cascade and of eMPRT, the first of the same permutation (0: skip).
+    device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     """
     started = time.time()
     store = run.store if isinstance(run, Run) else run if isinstance(run, RunStore) else RunStore(run)
@@ -163,8 +167,9 @@ def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str]
     model = load_model(config.get("model", "vgg16"), config.get("weights"))
     mean, std = input_normalization(model)
     image_size = int(config.get("image_size") or model.lrpscale_image_size)
-    images = draw_sample(Run(store), sample, seed)
+    images = draw_sample(Run(store), max(sample, cascade_sample, mprt_sample), seed)
     x, images = _decode(store, images, image_size, mean, std)
+    perturbed = min(sample, len(images))  # the faithfulness sample: the first of the permutation
     model = model.to(target_device)
     x = x.to(target_device)
     target = torch.as_tensor(images["target"].to_numpy(np.int64), device=target_device)
@@ -172,16 +177,16 @@ def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str]
              ", ".join(chosen_methods), target_device, settings_id)
 
     curves, checks = {}, []
-    seeds = torch.tensor([_image_seed(seed, image_id) for image_id in images["image_id"]], dtype=torch.int64)
+    seeds = torch.tensor([image_seed(seed, image_id) for image_id in images["image_id"][:perturbed]], dtype=torch.int64)
     aliases = info.get("layers") or {}
     randomised = randomisation.randomised_copy(model, seed=seed) if mprt_sample else None
     for method in chosen_methods:
         explain = _batched(_explain_fn(method))
         tick = time.time()
-        heatmaps = explain(model, x, target)
-        curves[method] = region_perturbation(model, x, heatmaps, target, patch_size=patch_size, steps=steps,
-                                             fraction=fraction, seed=seeds)
-        log.info("%s: region perturbation of %d images in %.1f s", method, len(x), time.time() - tick)
+        heatmaps = explain(model, x[:perturbed], target[:perturbed])
+        curves[method] = region_perturbation(model, x[:perturbed], heatmaps, target[:perturbed], patch_size=patch_size,
+                                             steps=steps, fraction=fraction, seed=seeds)
+        log.info("%s: region perturbation of %d images in %.1f s", method, perturbed, time.time() - tick)
         if cascade_sample:
             tick = time.time()
             count = min(cascade_sample, len(x))
@@ -199,7 +204,7 @@ def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str]
                                       len(randomisation.parameter_layers(model)), None, values))
             log.info("%s: eMPRT of %d images in %.1f s", method, count, time.time() - tick)
 
-    faithfulness, aopc = _faithfulness_tables(images, curves)
+    faithfulness, aopc = _faithfulness_tables(images.iloc[:perturbed], curves)
     checks_table = pd.concat(checks, ignore_index=True) if checks else _check_rows([], "", "", 0, None, torch.zeros(0))
     evaluation = Evaluation(faithfulness, aopc, checks_table, settings, settings_id,
                             store.path(EVALUATION, settings_id), time.time() - started, _versions())
@@ -210,14 +215,15 @@ def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str]
 
 
 def draw_sample(run: Run, sample: int, seed: int) -> pd.DataFrame:
-    """The sampled rows of the run's images table (image_id, label, target), in draw order:
-    ``default_rng(seed).choice`` of ``min(sample, images)`` of the sorted analysed image_ids."""
+    """The sampled rows of the run's images table (image_id, label, target), in draw order: the
+    first ``min(sample, images)`` of ``default_rng(seed).permutation`` of the sorted analysed
+    image_ids, so a smaller sample is the start of a larger one."""
     images = run.table("images", columns=["image_id", "label", "target"])
     if images.empty:
         raise ValueError(f"{run.store.location} has no analysed images (no committed shard); "
                          "finish the run with `lrpscale run` first")
     ids = np.sort(images["image_id"].to_numpy(dtype=object))
-    chosen = np.random.default_rng(seed).choice(ids, size=min(int(sample), len(ids)), replace=False)
+    chosen = np.random.default_rng(seed).permutation(ids)[:int(sample)]
     return images.set_index("image_id").loc[list(chosen)].reset_index()
 
 
@@ -232,12 +238,6 @@ def _methods(methods: Sequence[str] | None) -> tuple[str, ...]:
         raise ValueError(f"unknown method {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
     composites = [name for name in COMPOSITE_NAMES if name in requested]
     return (*composites, *BASELINES)
-
-
-def _image_seed(seed: int, image_id: str) -> int:
-    """The random order's seed of one image: from the evaluation's seed and the image_id only, so
-    it does not depend on the sample, and below 2**63 (torch's int64)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{image_id}".encode()).digest()[:8], "big") >> 1
 
 
 def _explain_fn(method: str) -> randomisation.ExplainFn:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from lrpscale.config import AnalysisConfig, RunConfig
 from lrpscale.inputs import sources
 from lrpscale.run.audit import _versions, fingerprint, run_id_for
+from lrpscale.run.sampling import in_sample
 from lrpscale.storage import tables
 from lrpscale.storage.store import LISTING, RunStore
 
@@ -248,6 +249,8 @@ def shard_result(listing: pa.Table, shard: int, label_index: np.ndarray, wnids: 
             pa.array(np.arange(n + 1, dtype=np.int32) * 3 * side * side), pa.array(picture.ravel()))},
         tables._DECONV)
 
+    faithfulness = _perturbation_curves(rng, listing.column("image_id").to_pylist(), logit, prob, config)
+
     heat_lists = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * heat.shape[1]),
                                           pa.array(heat.ravel()))
     wnid_array = np.asarray(wnids, dtype=object)
@@ -259,11 +262,43 @@ def shard_result(listing: pa.Table, shard: int, label_index: np.ndarray, wnids: 
         "rel_neg": pa.array(rel_neg), "conservation_error": pa.array(conservation),
         "heatmap_scale": pa.array(heat_scale.astype(np.float32)), "shard": pa.array(np.full(n, shard, np.int32)),
         "heatmap": heat_lists, "neurons": neurons, "scores": scores, "edges": edges, "deconv": deconv,
-        "error_stage": pa.nulls(n, pa.string()), "error_type": pa.nulls(n, pa.string()),
+        "faithfulness": faithfulness, "error_stage": pa.nulls(n, pa.string()), "error_type": pa.nulls(n, pa.string()),
         "error_message": pa.nulls(n, pa.string()),
     }
     # fields this generator does not know (provenance added to RESULT later) stay null
     return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in tables.RESULT}, schema=tables.RESULT)
+
+
+# how fast the target logit falls per unit of the image removed, by order: what a faithful heatmap gives
+CURVE_RATES = {"morf": 4.0, "lerf": 0.5, "random": 1.5}
+
+
+def _perturbation_curves(rng: np.random.Generator, image_ids: list[str], logit: np.ndarray, prob: np.ndarray,
+                         config: AnalysisConfig) -> pa.Array:
+    """The ``faithfulness`` list column: for the images of the seeded sample (``in_sample``, as the
+    actor draws it) steps + 1 points per order, the logit decaying as ``exp(-rate * fraction)``
+    with a per-image speed; empty lists for the others."""
+    steps = config.faithfulness_steps
+    sampled = np.array([bool(config.faithfulness_sample) and in_sample(config.faithfulness_seed, image_id,
+                                                                      config.faithfulness_sample)
+                        for image_id in image_ids], bool)
+    m, points = int(sampled.sum()), steps + 1
+    fractions = np.arange(points) / steps * config.faithfulness_fraction
+    speed = rng.uniform(0.5, 1.5, m)
+    orders, logits, probs = [], [], []
+    for order, rate in CURVE_RATES.items():
+        decay = np.exp(-rate * speed[:, None] * fractions[None, :])        # (m, points)
+        orders.append(np.full((m, points), order, object))
+        logits.append(logit[sampled, None] * decay)
+        probs.append(prob[sampled, None] * decay)
+    per_image = lambda parts: np.concatenate(parts, axis=1).ravel()  # noqa: E731 (orders in turn, per image)
+    counts = np.where(sampled, len(CURVE_RATES) * points, 0)
+    return _list_array(counts, {
+        "order": pa.array(per_image(orders), pa.string()),
+        "step": pa.array(np.tile(np.arange(points), m * len(CURVE_RATES)), pa.int16()),
+        "fraction": pa.array(np.tile(fractions, m * len(CURVE_RATES)), pa.float32()),
+        "logit": pa.array(per_image(logits), pa.float32()), "prob": pa.array(per_image(probs), pa.float32())},
+        tables._CURVE_POINT)
 
 
 _WORKER: dict = {}
@@ -290,7 +325,7 @@ def _write_shard(shard: int) -> tuple[int, float, float]:
     built = time.perf_counter()
     config = AnalysisConfig()
     shard_tables = tables.split_result(result, config.heatmap_size, config.deconv_size, config.deconv_mode,
-                                       MODEL_ID, w["run_id"])
+                                       MODEL_ID, w["run_id"], config.composite)
     w["run"].commit(shard, shard_tables, result.num_rows)
     return shard, built - began, time.perf_counter() - built
 

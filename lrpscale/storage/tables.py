@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
-TABLES = ("images", "neurons", "scores", "edges", "deconv", "errors")
+SCHEMA_VERSION = 2  # 2: the faithfulness table (the audit's region perturbation stage)
+TABLES = ("images", "neurons", "scores", "edges", "deconv", "faithfulness", "errors")
 
 _NEURON = pa.struct([("layer", pa.string()), ("neuron", pa.int32()), ("rank", pa.int16()),
                      ("relevance", pa.float32()), ("activation", pa.float32())])
@@ -25,6 +25,10 @@ _EDGE = pa.struct([("layer_from", pa.string()), ("neuron_from", pa.int32()), ("l
                    ("neuron_to", pa.int32()), ("relevance", pa.float32())])
 _DECONV = pa.struct([("layer", pa.string()), ("neuron", pa.int32()), ("scale", pa.float32()),
                      ("reconstruction", pa.list_(pa.float16()))])
+# one point of a region perturbation curve (docs/method.md §16): after ``step`` steps a ``fraction``
+# of the patches is removed in ``order`` (morf, lerf, random); the target's logit and probability
+_CURVE_POINT = pa.struct([("order", pa.string()), ("step", pa.int16()), ("fraction", pa.float32()),
+                          ("logit", pa.float32()), ("prob", pa.float32())])
 
 # the per-image columns shared by the result rows and the images table
 _IMAGE_FIELDS = [
@@ -43,6 +47,7 @@ RESULT = pa.schema(_IMAGE_FIELDS + [
     ("scores", pa.list_(_SCORE)),
     ("edges", pa.list_(_EDGE)),
     ("deconv", pa.list_(_DECONV)),
+    ("faithfulness", pa.list_(_CURVE_POINT)),  # empty unless the image was in the perturbation sample
     ("error_stage", pa.string()), ("error_type", pa.string()), ("error_message", pa.string()),
 ])
 
@@ -64,6 +69,9 @@ def _flat_schema(item: pa.StructType, extra=()) -> pa.Schema:
 NEURONS = _flat_schema(_NEURON)
 SCORES = _flat_schema(_SCORE)
 EDGES = _flat_schema(_EDGE)
+FAITHFULNESS = pa.schema([("image_id", pa.string()), ("label", pa.string()), ("pred", pa.int32()),
+                          ("composite", pa.string())]
+                         + [(_CURVE_POINT.field(i).name, _CURVE_POINT.field(i).type) for i in range(_CURVE_POINT.num_fields)])
 ERRORS = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("label", pa.string()), ("stage", pa.string()),
                     ("error_type", pa.string()), ("message", pa.string())])
 
@@ -105,7 +113,7 @@ def result_row(record: dict, pred_label: str) -> dict:
         deconv.append({"layer": item["layer"], "neuron": item["neuron"], "scale": picture_scale,
                        "reconstruction": picture})
     return {**{key: record[key] for key in ("pred", "target", "logit", "prob", "rel_total", "rel_pos", "rel_neg",
-                                            "conservation_error", "neurons", "scores", "edges")},
+                                            "conservation_error", "neurons", "scores", "edges", "faithfulness")},
             "pred_label": pred_label, "heatmap": heatmap, "heatmap_scale": scale, "deconv": deconv}
 
 
@@ -140,9 +148,10 @@ def _flat_table(rows: pa.Table, column: str, schema: pa.Schema) -> pa.Table:
 
 
 def split_result(result: pa.Table, heatmap_side: int, deconv_side: int, deconv_mode: str, model_id: str,
-                 run_id: str) -> dict[str, pa.Table]:
+                 run_id: str, composite: str | None = None) -> dict[str, pa.Table]:
     """Split one shard's result rows into the flat tables (one pa.Table per name in TABLES), with
-    Arrow compute only: no per-row Python, so the driver keeps up with GPU actors."""
+    Arrow compute only: no per-row Python, so the driver keeps up with GPU actors. ``composite``
+    (the run's) fills the faithfulness table's column of that name."""
     failed = result.column("error_stage").is_valid()
     ok = result.filter(pc.invert(failed))
     bad = result.filter(failed)
@@ -161,6 +170,11 @@ def split_result(result: pa.Table, heatmap_side: int, deconv_side: int, deconv_m
         "mode": pa.array([deconv_mode] * len(items), pa.string()), "scale": items.field("scale"),
         "reconstruction": _fixed_tensor(items.field("reconstruction"), [3, deconv_side, deconv_side]),
     }, schema=deconv_schema(deconv_side))
+    owners, points = _explode(ok, "faithfulness")
+    tables["faithfulness"] = pa.table({
+        **{name: owners.column(name) for name in owners.column_names},
+        "composite": pa.array([composite] * len(points), pa.string()),
+        **{_CURVE_POINT.field(i).name: points.field(i) for i in range(_CURVE_POINT.num_fields)}}, schema=FAITHFULNESS)
     tables["errors"] = pa.table({
         "image_id": bad.column("image_id"), "uri": bad.column("uri"), "label": bad.column("label"),
         "stage": bad.column("error_stage"), "error_type": bad.column("error_type"),

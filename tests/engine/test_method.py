@@ -636,13 +636,34 @@ def test_deconvolution_refuses_linear_layers_and_unknown_modes(small_vgg11):
 # 5. The Analyzer ---------------------------------------------------------------------------------
 
 RECORD_KEYS = {"pred", "target", "logit", "prob", "rel_total", "rel_pos", "rel_neg", "conservation_error",
-               "heatmap", "layer_totals", "neurons", "scores", "edges", "deconv"}
+               "heatmap", "layer_totals", "neurons", "scores", "edges", "deconv", "faithfulness"}
 
 
 @pytest.fixture(scope="module")
 def analysis_config():
     return AnalysisConfig(sweep_layers=("conv5_3", "conv4_2"), ks=(1, 4, 16, 64), path_k=3, heatmap_size=16,
                           deconv_size=8, deconv_layers=("conv5_3",), deconv_per_layer=2)
+
+
+def test_analyzer_perturbs_the_rows_asked_with_their_heatmaps(small_vgg16, analysis_config):
+    """perturb: rows 0 and 2 with seeds 5 and 9; their curve points are region_perturbation's of the
+    batch's own heatmaps (same seeds), row 1 has none."""
+    from lrpscale.engine.faithfulness import ORDERS, region_perturbation
+
+    x = _images(16, n=3)
+    config = dataclasses.replace(analysis_config, faithfulness_steps=4, faithfulness_fraction=0.25)
+    batch = Analyzer(small_vgg16, config)(x, perturb=torch.tensor([5, -1, 9]))
+    records = batch.records()
+    assert records[1]["faithfulness"] == []
+    expected = region_perturbation(small_vgg16, x[[0, 2]], batch.heatmap[[0, 2]], batch.target[[0, 2]], steps=4,
+                                   fraction=0.25, seed=torch.tensor([5, 9]))
+    for m, n in enumerate((0, 2)):
+        points = records[n]["faithfulness"]
+        assert [(p["order"], p["step"]) for p in points] == [(o, k) for o in ORDERS for k in range(5)]
+        for order in ORDERS:
+            logits = [p["logit"] for p in points if p["order"] == order]
+            np.testing.assert_allclose(logits, expected.logits[order][m].numpy(), rtol=1e-5, atol=1e-5)
+        assert points[0]["logit"] == pytest.approx(float(batch.logits[n, batch.target[n]]), rel=1e-5)
 
 
 def test_analyzer_records(small_vgg16, analysis_config):

@@ -37,15 +37,22 @@ def deconvolution(layer: str, index: int, picture) -> dict:
     return {"layer": layer, "neuron": index, "reconstruction": np.asarray(picture, np.float32)}
 
 
+def curve(order: str, logits, fraction: float = 0.5) -> list[dict]:
+    """One order's region perturbation curve points (steps 0..L, fractions evenly to ``fraction``)."""
+    steps = len(logits) - 1
+    return [{"order": order, "step": k, "fraction": fraction * k / steps, "logit": value, "prob": 0.0}
+            for k, value in enumerate(logits)]
+
+
 def record(pred: int, heatmap, target: int | None = None, neurons=(), edges=(), scores=(), deconv=(),
-           logit: float = 2.0, prob: float = 0.5) -> dict:
+           logit: float = 2.0, prob: float = 0.5, faithfulness=()) -> dict:
     """One image's analysis record, with the keys and types of ``BatchAnalysis.records()``."""
     heatmap = np.asarray(heatmap, np.float32)
     return {"pred": pred, "target": pred if target is None else target, "logit": logit, "prob": prob,
             "rel_total": float(heatmap.sum()), "rel_pos": float(heatmap.clip(min=0).sum()),
             "rel_neg": float(heatmap.clip(max=0).sum()), "conservation_error": 0.0, "heatmap": heatmap,
             "layer_totals": {"input": float(heatmap.sum())}, "neurons": list(neurons), "scores": list(scores),
-            "edges": list(edges), "deconv": list(deconv)}
+            "edges": list(edges), "deconv": list(deconv), "faithfulness": list(faithfulness)}
 
 
 def image(image_id: str, label: str | None, label_index: int | None, analysis: dict | None = None, shard: int = 0,
@@ -66,7 +73,7 @@ def result_table(rows: list[dict]) -> pa.Table:
 
 
 def split(result: pa.Table, run_id: str = "run-1", heatmap_side: int = HEATMAP_SIDE) -> dict[str, pa.Table]:
-    return tables.split_result(result, heatmap_side, DECONV_SIDE, DECONV_MODE, MODEL_ID, run_id)
+    return tables.split_result(result, heatmap_side, DECONV_SIDE, DECONV_MODE, MODEL_ID, run_id, "epsilon-gamma-box")
 
 
 def write_run(location: str | Path | RunStore, shards: dict[int, pa.Table], info: dict | None = None,
@@ -110,5 +117,5 @@ def write_synthetic_run(location: str | Path, listing: pa.Table, wnids: list[str
         rows = np.flatnonzero(shard_of == shard)
         result = shard_result(listing.take(rows), shard, label_index[rows], wnids, preferences, seed, config)
         store.commit(shard, tables.split_result(result, config.heatmap_size, config.deconv_size, config.deconv_mode,
-                                                f"synthetic:{seed}", run_id), result.num_rows)
+                                                f"synthetic:{seed}", run_id, config.composite), result.num_rows)
     return store

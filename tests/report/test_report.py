@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from tests.helpers.demo_runs import DEMO_RUN_BAD
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SECTIONS = ("summary", "classes", "worst", "errors")
+SECTIONS = ("summary", "classes", "trust", "worst", "errors")
 
 
 class _Page(HTMLParser):
@@ -78,6 +79,42 @@ def test_report_goes_to_output_and_is_self_contained(report, demo_runs):
     other = open_run(demo_runs["other"])
     comparison = text.split('id="comparison"')[1]
     assert other.info["run_id"] in comparison and "epsilon-plus-flat" in comparison
+
+
+def _section(text: str, key: str) -> str:
+    return text.split(f'id="{key}"')[1].split("</section>")[0]
+
+
+def test_trust_section_shows_the_audits_curves_and_the_aopc_per_class(report, demo_runs):
+    """The audit perturbed a seeded sample of the demo run; the section pictures its curves and
+    lists the AOPC of every class with perturbed images, the reducer's numbers."""
+    trust = _section(report.read_text(), "trust")
+    run = open_run(demo_runs["run"])
+    perturbed = run.faithfulness["image_id"].nunique()
+    assert perturbed > 0 and f"{perturbed} perturbed images" in trust
+    assert 'alt="mean drop of the target logit against the fraction removed, per order"' in trust
+    classes = run.class_heatmaps[(run.class_heatmaps["by"] == "label") & (run.class_heatmaps["faithfulness_images"] > 0)]
+    table = pd.read_html(io.StringIO(trust.split("AOPC per class")[1]))[0]
+    assert sorted(table["class"].astype(str)) == sorted(classes["class"])
+    expected = classes.set_index("class")["aopc_morf"]
+    for row in table.itertuples():
+        assert row.aopc_morf == pytest.approx(expected[str(row._1)], rel=1e-2)
+    assert "lrpscale evaluate" in trust  # no evaluation yet: the section says how to get one
+
+
+def test_trust_section_shows_an_evaluation_with_its_cascade(demo_runs, tmp_path):
+    from lrpscale.report.page import write_report
+    from lrpscale.run.evaluation import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_runs["run"], run)
+    evaluation = evaluate_run(run, methods=["epsilon-plus-flat"], sample=6, cascade_sample=2, mprt_sample=2)
+    trust = _section(write_report(run).read_text(), "trust")
+    assert evaluation.settings_id in trust and f"<b>{evaluation.most_faithful}</b>" in trust
+    assert 'alt="mean drop of the target logit per method and order"' in trust
+    assert 'alt="randomisation cascade per method"' in trust
+    for method in ("epsilon-plus-flat", "gradient", "gradient_x_input"):
+        assert f"<td>{method}</td>" in trust
 
 
 def test_report_defaults_to_the_run_directory_and_reduces_first(demo_runs, tmp_path, capsys):

@@ -14,6 +14,7 @@ from tests.helpers.runs import (
     DECONV_SIDE,
     HEATMAP_SIDE,
     MODEL_ID,
+    curve,
     deconvolution,
     edge,
     image,
@@ -156,10 +157,11 @@ def test_tensor_column_refuses_values_of_the_wrong_size():
 
 @pytest.fixture
 def shard() -> pa.Table:
-    """Three inputs: an analysed cat, an analysed dog without neurons or deconvolutions, and an
-    input that failed to decode."""
+    """Three inputs: an analysed cat, an analysed dog without neurons or deconvolutions whose
+    region perturbation curves were measured, and an input that failed to decode."""
     cat = cat_record()
-    dog = record(pred=0, heatmap=[[0.0, 2.0], [-4.0, 1.0]], scores=[score("conv", 1, 9.0, True)])
+    dog = record(pred=0, heatmap=[[0.0, 2.0], [-4.0, 1.0]], scores=[score("conv", 1, 9.0, True)],
+                 faithfulness=curve("morf", [3.0, 1.0, 0.5]) + curve("random", [3.0, 2.5, 2.0]))
     return result_table([image("cat/1.png", "cat", 1, cat), image("dog/2.png", "dog", 0, dog),
                          image("dog/bad.png", "dog", 0, error=("decode", "UnidentifiedImageError", "cannot identify"))])
 
@@ -172,7 +174,16 @@ def test_split_result_makes_every_table_with_its_schema(shard):
     assert split_tables["scores"].schema == tables.SCORES
     assert split_tables["edges"].schema == tables.EDGES
     assert split_tables["deconv"].schema == tables.deconv_schema(DECONV_SIDE)
+    assert split_tables["faithfulness"].schema == tables.FAITHFULNESS
     assert split_tables["errors"].schema == tables.ERRORS
+
+
+def test_split_result_gives_one_faithfulness_row_per_curve_point_with_the_composite(shard):
+    rows = split(shard)["faithfulness"].to_pandas()
+    assert rows[["image_id", "label", "pred", "composite", "order", "step"]].values.tolist() == [
+        ["dog/2.png", "dog", 0, "epsilon-gamma-box", order, step] for order in ("morf", "random") for step in range(3)]
+    assert rows["logit"].tolist() == [3.0, 1.0, 0.5, 3.0, 2.5, 2.0]
+    assert rows["fraction"].tolist() == [0.0, 0.25, 0.5] * 2
 
 
 def test_split_result_puts_analysed_inputs_in_images_and_failed_ones_in_errors(shard):
@@ -231,5 +242,5 @@ def test_split_result_of_only_failed_inputs_gives_empty_analysis_tables():
     result = result_table([image("x.png", None, None, error=("read", "OSError", "gone"))])
     split_tables = split(result)
     assert {name: t.num_rows for name, t in split_tables.items()} == {
-        "images": 0, "neurons": 0, "scores": 0, "edges": 0, "deconv": 0, "errors": 1}
+        "images": 0, "neurons": 0, "scores": 0, "edges": 0, "deconv": 0, "faithfulness": 0, "errors": 1}
     assert split_tables["errors"].column("label").to_pylist() == [None]
