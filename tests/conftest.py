@@ -7,6 +7,7 @@ import torch
 from lrpscale.engine.models import build_vgg, load_model
 from tests.helpers.demo_runs import build_demo_runs
 from tests.helpers.models import randomize_batchnorm
+from tests.helpers.s3 import s3_server  # noqa: F401  (a fixture: a real S3 endpoint on loopback)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ ERROR_COLUMNS = ("image_id", "uri", "label") + ERROR_FIELDS
 
 ERROR_STAGES = ("list", "read", "decode", "preprocess")
 ERROR_TYPES = {
-    "invalid_uri": "a manifest row whose uri is empty or not a local path",
+    "invalid_uri": "a manifest row whose uri is empty, or names a store that pyarrow.fs cannot resolve (an unknown scheme)",
     "no_image_member": "a WebDataset sample without an image member",
     "no_image_column": "a Parquet file without an image-bytes column, where other files of the input have one",
     "missing": "the file, Parquet row or tar shard is not there, or the target of a symbolic link or tar hard link",

@@ -1,20 +1,31 @@
 """The files of an input: opened only when they are regular files (never a FIFO or a device), and
-found by walking a folder (links, loops, skipped names) or by matching a glob or brace pattern."""
+found by walking a folder (links, loops, skipped names) or by matching a glob or brace pattern; on
+a store (object storage, HDFS) the same, through one ``pyarrow.fs`` code path for every scheme."""
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
+import io
 import os
 import re
 import stat
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, NamedTuple
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lrpscale.inputs.errors import InputError
 from lrpscale.inputs.names import _extension, _is_text, _shown
 from lrpscale.inputs.skipped import _Skipped
+from lrpscale.locations import is_uri, join, missing_error, resolve, split, storage_error
+
+# Bytes a store file is read ahead by: a tar index reads every member header, and a batch reads
+# neighbouring members, so one ranged request serves many of them instead of one request each
+STORE_READ_AHEAD = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # Opening files without ever opening a FIFO or a device
@@ -51,8 +62,11 @@ def _check_regular(path: str | bytes, stage: str, what: str) -> None:
 
 
 def _open_regular(path: str | bytes, stage: str, what: str) -> BinaryIO:
-    """``open(path, "rb")`` after ``_check_regular``; raises InputError. A FIFO put in place between
-    the check and the open could still block; nothing in a listing's lifetime does that."""
+    """``open(path, "rb")`` after ``_check_regular``, or a store URI opened for ranged reads (read
+    ahead by STORE_READ_AHEAD); raises InputError. A FIFO put in place between the check and the
+    open could still block; nothing in a listing's lifetime does that."""
+    if is_uri(path):
+        return io.BufferedReader(_open_store_file(path, stage, what), STORE_READ_AHEAD)
     _check_regular(path, stage, what)
     try:
         return open(path, "rb")
@@ -61,7 +75,10 @@ def _open_regular(path: str | bytes, stage: str, what: str) -> BinaryIO:
 
 
 def _open_parquet(path: str | bytes, stage: str) -> pq.ParquetFile:
-    """A Parquet file, checked to be a regular file first; raises InputError or pyarrow's errors."""
+    """A Parquet file, checked to be a regular file first; raises InputError or pyarrow's errors.
+    On a store it reads the footer and then only the row groups asked for (ranged reads)."""
+    if is_uri(path):
+        return pq.ParquetFile(_open_store_file(path, stage, "parquet file"))
     _check_regular(path, stage, "parquet file")
     # pyarrow takes a path as UTF-8 text, so a name in other bytes goes in as an open file
     return pq.ParquetFile(path if isinstance(path, str) and _is_text(path) else open(path, "rb"))
@@ -175,6 +192,144 @@ def _follow_link(entry: os.DirEntry, relative: str, extensions: Sequence[str], s
 
 
 # ---------------------------------------------------------------------------------------------
+# Files on a store (object storage, HDFS): one pyarrow.fs code path for every scheme. A store has no
+# links, FIFOs or undecodable names; its paths in rows are URIs (``locations.join``)
+
+_STORES: list[pafs.FileSystem] = []  # the filesystems this process opened store files with
+
+
+def _store_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a store URI, reusing a filesystem this process already made with
+    equal options (pyarrow compares endpoint, region and the kind of credentials, which are read
+    once): a reader opens many files of one store, and a filesystem per file would open new
+    connections for each."""
+    filesystem, path = resolve(uri)
+    known = next((store for store in _STORES if store.equals(filesystem)), None)
+    if known is None:
+        _STORES.append(filesystem)
+    return known or filesystem, path
+
+
+def _open_store_file(uri: str, stage: str, what: str) -> pa.NativeFile:
+    """A file on a store opened for ranged reads; raises InputError (``missing``; ``unreadable``
+    when the store refuses or fails, with what to do)."""
+    try:
+        filesystem, path = _store_filesystem(uri)
+        return filesystem.open_input_file(path)
+    except FileNotFoundError:
+        raise InputError(stage, "missing", f"no {what} at {uri}; fix the location or remove the input") from None
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(stage, "unreadable", f"{what}: {storage_error(uri, error)}") from None
+
+
+def _store_target(location: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """(filesystem, path, what is there) for a store location named as input; raises ValueError
+    naming the location and what to do when the store cannot be reached, refuses the credentials,
+    has no such bucket, or holds nothing at that path."""
+    try:
+        filesystem, path = resolve(location)
+        info = filesystem.get_file_info(path)
+    except (OSError, pa.ArrowException) as error:
+        raise storage_error(location, error) from None
+    if info.type == pafs.FileType.NotFound:
+        raise missing_error(location, filesystem, path)
+    return filesystem, path, info
+
+
+def _store_tree(location: str, filesystem: pafs.FileSystem, root: str) -> list[tuple[str, pafs.FileInfo]]:
+    """Everything under the store folder ``root`` (``location`` names it in errors) as (path
+    relative to it, FileInfo), from one recursive listing: the store pages it, so a prefix of a
+    million objects costs about a thousand LIST requests, not a request per object."""
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, pa.ArrowException) as error:
+        raise storage_error(location, error) from None
+    prefix = root.rstrip("/") + "/"
+    return [(entry.path[len(prefix):], entry) for entry in entries]
+
+
+def _store_walk(location: str, extensions: Sequence[str], skipped: _Skipped | None = None) -> list[_Found]:
+    """The non-hidden files under the store folder ``location`` with one of ``extensions``, each
+    with its URI as the path to open, in no particular order; ``skipped`` counts what is left out
+    as ``_walk`` counts it (a hidden folder once, not what it holds). Raises ValueError as
+    ``_store_target`` does, NotADirectoryError for a file."""
+    skipped = skipped or _Skipped(("", ""))
+    filesystem, root, info = _store_target(location)
+    if info.type != pafs.FileType.Directory:
+        raise NotADirectoryError(f"{location} is a file, not a folder; pass the folder that holds the inputs")
+    found, hidden = [], set()
+    for relative, entry in _store_tree(location, filesystem, root):
+        parts = relative.split("/")
+        dot = next((index for index, part in enumerate(parts) if part.startswith(".")), None)
+        if dot is not None:
+            hidden.add("/".join(parts[:dot + 1]))
+        elif entry.type != pafs.FileType.File:
+            continue  # a folder: the recursive listing already holds what is in it
+        elif _extension(parts[-1]) not in extensions:
+            skipped.other_extension(parts[-1])
+        else:
+            found.append(_Found(relative, join(location, relative), None))
+    for _ in hidden:
+        skipped.add("hidden")
+    return found
+
+
+def _store_extensions(location: str) -> Iterator[str]:
+    """The extensions of the non-hidden files under a store folder, a folder at a time in name
+    order (one listing each): detection stops at the first image, so it lists a few folders, not
+    a prefix of a million objects as ``_store_walk`` must."""
+    filesystem, root, _ = _store_target(location)
+    pending = [root]
+    while pending:
+        try:
+            entries = filesystem.get_file_info(pafs.FileSelector(pending.pop(0)))
+        except (OSError, pa.ArrowException) as error:
+            raise storage_error(location, error) from None
+        for entry in sorted(entries, key=lambda entry: entry.path):
+            if entry.base_name.startswith("."):
+                continue
+            if entry.type == pafs.FileType.Directory:
+                pending.append(entry.path)
+            elif entry.type == pafs.FileType.File:
+                yield _extension(entry.base_name)
+
+
+def _glob_match(name: str, pattern: str) -> bool:
+    """Whether a "/"-separated name matches a glob pattern as ``glob.glob`` matches files: part by
+    part (a ``*`` never crosses a "/"), a hidden part only by a pattern part that starts with a dot."""
+    names, parts = name.split("/"), pattern.split("/")
+    return len(names) == len(parts) and all(fnmatch.fnmatchcase(got, want) and (want.startswith(".") or not got.startswith("."))
+                                            for got, want in zip(names, parts))
+
+
+def _store_match(pattern: str) -> tuple[str, list[_Found]]:
+    """(root, files sorted) for a store URI whose path holds a glob or brace pattern: one recursive
+    listing of the folder before the first wildcard, matched against each brace expansion with
+    ``_glob_match``; a brace-named file that is absent is an error, as on local disk. In a URI a
+    "?" starts the query, so only ``*``, ``[...]`` and braces are wildcards."""
+    parts = urllib.parse.urlsplit(pattern)
+    folder = re.split(r"[*\[{]", parts.path, maxsplit=1)[0].rpartition("/")[0]
+    root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, folder, parts.query, ""))
+    filesystem, path, _ = _store_target(root)
+    files = {relative for relative, entry in _store_tree(root, filesystem, path) if entry.type == pafs.FileType.File}
+    matched = set()
+    for expanded in _expand_braces(parts.path[len(folder) + 1:]):
+        wanted = urllib.parse.unquote(expanded)
+        if _is_pattern(wanted):
+            matched.update(name for name in files if _glob_match(name, wanted))
+        elif wanted in files:
+            matched.add(wanted)
+        else:
+            raise FileNotFoundError(f"{join(root, wanted)!r} (from {pattern!r}) does not exist; fix the pattern")
+    return root, [_Found(name, join(root, name), None) for name in sorted(matched)]
+
+
+def _is_store_pattern(spec: str) -> bool:
+    """Whether a store URI's path holds a glob or brace pattern (its query is not part of it)."""
+    return _is_pattern(urllib.parse.urlsplit(spec).path)
+
+
+# ---------------------------------------------------------------------------------------------
 # The files a spec names: a file, a folder (walked) or a glob/brace pattern
 
 
@@ -212,8 +367,18 @@ def _match(pattern: str) -> list[str]:
 def _data_files(spec: str, suffix: str, skipped: _Skipped,
                 follow_external_links: bool = False) -> tuple[str, list[_Found]]:
     """(root, files sorted by relative path) for a file, a directory (recursive, walked like a
-    folder input) or a pattern of ``suffix`` files; entries the walk cannot list carry an error."""
-    if os.path.isdir(spec):
+    folder input) or a pattern of ``suffix`` files; entries the walk cannot list carry an error.
+    A store URI is listed on its store (``_store_match``, ``_store_walk``); raises ValueError for a
+    store location that cannot be read."""
+    if is_uri(spec):
+        if _is_store_pattern(spec):
+            root, found = _store_match(spec)
+        elif _store_target(spec)[2].type == pafs.FileType.Directory:
+            root, found = spec, sorted(_store_walk(spec, (suffix[1:],), skipped), key=lambda item: item.relative)
+        else:
+            root, name = split(spec)
+            found = [_Found(name, spec, None)]
+    elif os.path.isdir(spec):
         root = os.path.abspath(spec)
         found = sorted(_walk(root, (suffix[1:],), skipped, follow_external_links=follow_external_links),
                        key=lambda item: item.relative)

@@ -31,6 +31,23 @@ The root is the directory named, a file's folder, or a pattern's folder before i
 wildcard, so ids survive copying the dataset elsewhere. ``uri`` is the absolute location a
 human opens: the file, ``<parquet file>#<row>``, or ``<shard>#<member>``.
 
+**Object storage.** Every spec above, and every manifest uri, may be a URI of a store:
+``s3://``, ``gs://``, ``abfs://``, ``hdfs://`` (a ``file://`` URI is the local path it names).
+Each is resolved by ``pyarrow.fs.FileSystem.from_uri``, one code path for every scheme, so
+credentials and endpoints come from each store's standard environment: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` (which points ``s3://`` at an
+S3-compatible store such as MinIO or Ceph), ``GOOGLE_APPLICATION_CREDENTIALS``, and so on. A
+folder (or a pattern's folder) is listed with one recursive listing, which the store pages, and
+glob and brace patterns are matched against it (in a URI ``?`` starts the query, so only ``*``,
+``[...]`` and braces are wildcards). Ids are relative to the root as on disk, so a dataset has
+the same ids on disk and in a bucket; ``uri`` is the full location
+(``s3://bucket/data/cat/001.png``, names percent-encoded as URIs need) and so is ``path``, which
+whichever process decodes the row opens (ranged reads for tar members and Parquet row groups).
+A manifest's relative uris resolve against its folder on its store; absolute ones may name any
+store. A bucket that does not exist, credentials the store refuses, or a location without
+inputs stop the listing with a ValueError naming the location and what to do; an object that
+is gone by the time it is read is a ``read`` error row.
+
 What a listing does with odd entries (each becomes an error row with stage ``list``, or is
 skipped and counted; it never stops the listing):
 
@@ -70,6 +87,7 @@ skipped and counted; it never stops the listing):
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -83,13 +101,29 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lrpscale.inputs.errors import InputError, error_row
-from lrpscale.inputs.files import _data_files, _file_kind, _Found, _is_pattern, _match, _open_parquet, _open_regular, _walk
+from lrpscale.inputs.files import (
+    _data_files,
+    _file_kind,
+    _Found,
+    _is_pattern,
+    _is_store_pattern,
+    _match,
+    _open_parquet,
+    _open_regular,
+    _store_extensions,
+    _store_match,
+    _store_target,
+    _store_walk,
+    _walk,
+)
 from lrpscale.inputs.names import IMAGE_EXTENSIONS, _extension, _shown, os_path, path_column, text_name, text_path
 from lrpscale.inputs.skipped import SKIPPED_METADATA, _Skipped, skipped_summary
 from lrpscale.inputs.tar_shards import _shard_samples
+from lrpscale.locations import is_uri, join, local_path, resolve, split
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +185,17 @@ class _Listing:
 
 def list_folder(spec: str, follow_external_links: bool = False) -> pa.Table:
     """Every image file under the directory ``spec``, sorted by image_id (see the module docstring
-    for links, special files and names that are not UTF-8)."""
-    root = os.path.abspath(spec)
-    if not os.path.isdir(root):
-        raise NotADirectoryError(f"folder input {spec!r} is not a directory; pass a directory of images "
-                                 f"or choose another kind with --input-kind ({', '.join(SOURCES)})")
+    for links, special files and names that are not UTF-8); a store URI is listed on its store."""
+    spec = _as_spec(spec)
     listing = _Listing("folder", ("an image", "images"))
-    found = list(_walk(root, IMAGE_EXTENSIONS, listing.skipped, follow_external_links=follow_external_links))
+    if is_uri(spec):
+        found = _store_walk(spec, IMAGE_EXTENSIONS, listing.skipped)
+    else:
+        root = os.path.abspath(spec)
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"folder input {spec!r} is not a directory; pass a directory of images "
+                                     f"or choose another kind with --input-kind ({', '.join(SOURCES)})")
+        found = list(_walk(root, IMAGE_EXTENSIONS, listing.skipped, follow_external_links=follow_external_links))
     dropped = _colliding_names([item.relative for item in found], spec, listing.skipped)
     kept = sorted(((text_path(item.relative), item) for item in found if item.relative not in dropped), key=lambda pair: pair[0])
     for image_id, item in kept:
@@ -174,13 +212,18 @@ def list_manifest(spec: str, uri_column: str = "uri", label_column: str = "label
                   id_column: str | None = None, follow_external_links: bool = True) -> pa.Table:
     """The images a CSV/TSV/Parquet manifest names, in manifest order, each resolved path once.
 
-    A row with an empty or non-local uri becomes a ``list`` error row. A row with an empty id
-    cell falls back to the uri rule. ``follow_external_links`` is accepted for a uniform
-    ``list_inputs`` and has no effect: a manifest names its files, links included, on purpose.
+    A uri is a local path, a ``file://`` uri, or a uri of any store pyarrow.fs reads (``s3://``,
+    ...); a relative one resolves against the manifest's folder, on the manifest's store for a
+    manifest there. A row with an empty uri, or one whose store cannot be resolved, becomes a
+    ``list`` error row. A row with an empty id cell falls back to the uri rule.
+    ``follow_external_links`` is accepted for a uniform ``list_inputs`` and has no effect: a
+    manifest names its files, links included, on purpose.
     """
-    manifest = os.path.abspath(spec)
+    spec = _as_spec(spec)
+    manifest = spec if is_uri(spec) else os.path.abspath(spec)
     shown = _shown(manifest)
-    columns = _read_manifest(manifest)
+    base, name = split(manifest)
+    columns = _read_manifest(manifest, name)
     if uri_column not in columns:
         raise ValueError(f"manifest {shown!r} has no {uri_column!r} column (it has {list(columns)}); "
                          f"rename its uri column to {uri_column!r}, or name it with uri_column= in the Python API")
@@ -188,17 +231,17 @@ def list_manifest(spec: str, uri_column: str = "uri", label_column: str = "label
     uris = [_as_text(value) for value in columns[uri_column]]
     labels = [_as_text(value) for value in columns[label_column]] if label_column in columns else [None] * len(uris)
     ids = [_as_text(value) for value in columns[id_column]] if id_column else [None] * len(uris)
-    base = os.path.dirname(manifest)
     listing = _Listing("manifest", ("an image", "images"))
     seen: set[str] = set()  # resolved paths, and the uris that could not be resolved
+    stores: dict[str, str | None] = {}  # why each store the uris name cannot be resolved (None: it can)
     for number, (uri, label, given_id) in enumerate(zip(uris, labels, ids)):
         if uri is None:
-            listing.add_error(given_id or f"{text_name(os.path.basename(manifest))}#{number}", f"{shown}#{number}", label,
+            listing.add_error(given_id or f"{text_name(name)}#{number}", f"{shown}#{number}", label,
                               "invalid_uri", f"row {number} of manifest {shown} has an empty {uri_column!r}; "
                               f"fill it in or drop the row")
             continue
         try:
-            path = _local_path(uri, base)
+            path = _manifest_location(uri, base, stores)
         except InputError as error:
             if uri not in seen:
                 seen.add(uri)
@@ -231,7 +274,7 @@ def list_parquet(spec: str, image_column: str | None = None, label_column: str =
     file has one (then the input as a whole is wrong and this raises ValueError).
     """
     listing = _Listing("parquet", ("a .parquet file", ".parquet files"))
-    _, found = _data_files(spec, ".parquet", listing.skipped, follow_external_links)
+    _, found = _data_files(_as_spec(spec), ".parquet", listing.skipped, follow_external_links)
     files = [_parquet_file_rows(item, image_column, label_column, id_column) for item in found]
     if all(rows.error for rows in files):
         no_column = next((rows.error for rows in files if rows.error.error_type == "no_image_column"), None)
@@ -295,7 +338,7 @@ def list_webdataset(spec: str, follow_external_links: bool = False) -> pa.Table:
     read at all become ``list`` error rows; the intact samples of a damaged shard are listed.
     """
     listing = _Listing("webdataset", ("a .tar file", ".tar files"))
-    _, found = _data_files(spec, ".tar", listing.skipped, follow_external_links)
+    _, found = _data_files(_as_spec(spec), ".tar", listing.skipped, follow_external_links)
     for item in found:
         relative, shown = text_path(item.relative), _shown(item.path)
         try:
@@ -467,46 +510,71 @@ def detect_kind(spec: str) -> str:
     """The SOURCES key for a spec: a directory holding image files is a ``folder`` (else Parquet
     files make it ``parquet``, tar files ``webdataset``); ``.csv``/``.tsv`` is a ``manifest``; a
     ``.parquet`` file is ``parquet`` if it has an image-bytes column, else a ``manifest`` if it
-    has a ``uri`` column; ``.tar`` files and patterns of them are ``webdataset``."""
-    choose = f"choose one with --input-kind on the command line (kind= in the Python API): {', '.join(SOURCES)}"
+    has a ``uri`` column; ``.tar`` files and patterns of them are ``webdataset``. The same rules
+    hold on a store."""
+    spec = _as_spec(spec)
+    if is_uri(spec):
+        if _is_store_pattern(spec):
+            return _kind_of_pattern(spec, [item.relative for item in _store_match(spec)[1]])
+        if _store_target(spec)[2].type == pafs.FileType.Directory:
+            return _kind_of_folder(spec, _store_extensions(spec))
+        return _kind_of_file(spec, split(spec)[1])
     if _is_pattern(spec) and not os.path.exists(spec):
-        suffixes = {os.path.splitext(file)[1].lower() for file in _match(spec)}
-        if suffixes == {".tar"}:
-            return "webdataset"
-        if suffixes == {".parquet"}:
-            return "parquet"
-        raise ValueError(f"pattern {spec!r} matches {sorted(suffixes) or 'nothing'}; "
-                         f"it must match only .tar shards or only .parquet files")
+        return _kind_of_pattern(spec, _match(spec))
     if os.path.isdir(spec):
-        found = set()
         # links to elsewhere count here: detection reads names only, the listing decides what to follow
-        for item in _walk(os.path.abspath(spec), IMAGE_EXTENSIONS + ("parquet", "tar"), follow_external_links=True):
-            extension = _extension(item.relative)
-            if item.error is None and extension in IMAGE_EXTENSIONS:
-                return "folder"
-            found.add(extension if item.error is None else "")
-        if "parquet" in found:
-            return "parquet"
-        if "tar" in found:
-            return "webdataset"
-        raise ValueError(f"directory {spec!r} holds no image files, .parquet files or .tar shards")
+        found = _walk(os.path.abspath(spec), IMAGE_EXTENSIONS + ("parquet", "tar"), follow_external_links=True)
+        return _kind_of_folder(spec, (_extension(item.relative) if item.error is None else "" for item in found))
     if os.path.isfile(spec):
-        extension = os.path.splitext(spec)[1].lower()
-        if extension in (".csv", ".tsv"):
-            return "manifest"
-        if extension == ".tar":
-            return "webdataset"
-        if extension == ".parquet":
-            schema = pq.read_schema(spec)
-            if find_image_column(schema):
-                return "parquet"
-            if "uri" in schema.names:
-                return "manifest"
-        raise ValueError(f"cannot tell what kind of input {spec!r} is; {choose}")
+        return _kind_of_file(spec, os.path.basename(spec))
     if os.path.exists(spec):
         raise ValueError(f"input {spec!r} is {_file_kind(os.stat(spec).st_mode)}, not a file or directory; "
                          f"pass a directory, a manifest, Parquet files or tar shards")
     raise FileNotFoundError(f"input {spec!r} does not exist; pass a directory, a manifest, Parquet files or tar shards")
+
+
+def _kind_of_pattern(spec: str, files: Iterable[str]) -> str:
+    """The kind of a glob or brace pattern from the names it matches: all .tar or all .parquet."""
+    suffixes = {os.path.splitext(file)[1].lower() for file in files}
+    if suffixes == {".tar"}:
+        return "webdataset"
+    if suffixes == {".parquet"}:
+        return "parquet"
+    raise ValueError(f"pattern {spec!r} matches {sorted(suffixes) or 'nothing'}; "
+                     f"it must match only .tar shards or only .parquet files")
+
+
+def _kind_of_folder(spec: str, extensions: Iterable[str]) -> str:
+    """The kind of a folder from the extensions of what it holds ("" for entries the walk cannot
+    list), read until the first image."""
+    found = set()
+    for extension in extensions:
+        if extension in IMAGE_EXTENSIONS:
+            return "folder"
+        found.add(extension)
+    if "parquet" in found:
+        return "parquet"
+    if "tar" in found:
+        return "webdataset"
+    raise ValueError(f"directory {spec!r} holds no image files, .parquet files or .tar shards; "
+                     f"pass the folder that holds them")
+
+
+def _kind_of_file(spec: str, name: str) -> str:
+    """The kind of a single file from its name, and for a .parquet file from its schema."""
+    extension = os.path.splitext(name)[1].lower()
+    if extension in (".csv", ".tsv"):
+        return "manifest"
+    if extension == ".tar":
+        return "webdataset"
+    if extension == ".parquet":
+        schema = _open_parquet(spec, "list").schema_arrow
+        if find_image_column(schema):
+            return "parquet"
+        if "uri" in schema.names:
+            return "manifest"
+    raise ValueError(f"cannot tell what kind of input {spec!r} is; choose one with --input-kind on the command line "
+                     f"(kind= in the Python API): {', '.join(SOURCES)}")
 
 
 def list_inputs(spec: str | os.PathLike, kind: str | None = None, **options) -> pa.Table:
@@ -518,13 +586,15 @@ def list_inputs(spec: str | os.PathLike, kind: str | None = None, **options) -> 
     directories). Rows the listing already knows are bad carry ``error_stage="list"``. The
     table's schema metadata carries what was skipped (``skipped_entries``), also logged at INFO.
     Raises if the spec names nothing, holds no inputs, or gives two different inputs the same
-    image_id.
+    image_id; on a store, a ValueError naming the location and what to do when its bucket does
+    not exist or the credentials are refused.
     """
     spec = os.fspath(spec)
     name = kind or detect_kind(spec)
     table = get_source(name).list(spec, **options)
     if table.num_rows == 0:
-        raise ValueError(f"no inputs found in {spec!r} (kind {name}; {skipped_summary(table)})")
+        raise ValueError(f"no inputs found in {spec!r} (kind {name}; {skipped_summary(table)}); check that it is "
+                         f"the location of the dataset, or choose another kind with --input-kind")
     counts = pc.value_counts(table.column("image_id"))
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):
@@ -577,26 +647,52 @@ def _take_rows(parquet: pq.ParquetFile, column: str, rows: list[int]) -> list[by
     return values.to_pylist()
 
 
-def _read_manifest(manifest: str) -> dict[str, list]:
-    """A manifest's columns as Python lists; CSV cells stay text so ids like ``007`` keep their zeros."""
-    extension = os.path.splitext(manifest)[1].lower()
+def _as_spec(spec: str | os.PathLike) -> str:
+    """A spec as the listings take it: a ``file://`` URI becomes its local path (listed with every
+    local safeguard: links, loops, FIFOs); a path or another URI stays as given."""
+    text = os.fspath(spec)
+    return local_path(text) or text
+
+
+def _read_manifest(manifest: str, name: str) -> dict[str, list]:
+    """A manifest's columns as Python lists (``name``: its file name); CSV cells stay text so ids
+    like ``007`` keep their zeros. A manifest on a store is read in one request."""
+    extension = os.path.splitext(name)[1].lower()
+    if extension not in (".csv", ".tsv", ".parquet"):
+        raise ValueError(f"manifest {_shown(manifest)!r} must be a .csv, .tsv or .parquet file")
+    source = manifest
+    if is_uri(manifest):
+        filesystem, path, _ = _store_target(manifest)
+        with filesystem.open_input_stream(path) as stream:
+            source = io.BytesIO(stream.read())
     if extension == ".parquet":
-        return pq.read_table(manifest).to_pydict()
-    if extension in (".csv", ".tsv"):
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, sep="\t" if extension == ".tsv" else ",")
-        return {name: frame[name].tolist() for name in frame.columns}
-    raise ValueError(f"manifest {_shown(manifest)!r} must be a .csv, .tsv or .parquet file")
+        return pq.read_table(source).to_pydict()
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False, sep="\t" if extension == ".tsv" else ",")
+    return {name: frame[name].tolist() for name in frame.columns}
 
 
-def _local_path(uri: str, base: str) -> str:
-    """A manifest uri as an absolute local path; relative ones resolve against ``base``."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme == "file":
-        uri = urllib.parse.unquote(parsed.path)
-    elif len(parsed.scheme) > 1:  # one letter is a Windows drive
-        raise InputError("list", "invalid_uri", f"{uri!r}: only local paths and file:// uris are read; "
-                         f"copy or mount the data locally")
-    return os.path.normpath(os.path.join(base, os.path.expanduser(uri)))
+def _manifest_location(uri: str, base: str, stores: dict[str, str | None]) -> str:
+    """A manifest uri as the location the reader opens: a local path (absolute; a relative one
+    resolves against ``base``, the manifest's folder: a path, or a URI on the manifest's store), or
+    a store uri as written. Raises InputError ``invalid_uri`` for a store that pyarrow.fs cannot
+    resolve (an unknown scheme), trying each store once (``stores``: store -> why not, or None)."""
+    path = local_path(uri)
+    if path is None:
+        parts = urllib.parse.urlsplit(uri)
+        store = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
+        if store not in stores:
+            try:
+                resolve(store)
+                stores[store] = None
+            except (OSError, pa.ArrowException) as error:
+                stores[store] = str(error).strip().splitlines()[0]
+        if stores[store]:
+            raise InputError("list", "invalid_uri", f"{uri!r}: {stores[store]}; a uri is a local path, file:// or a "
+                             f"location pyarrow.fs reads (s3://, gs://, abfs://, hdfs://)")
+        return uri
+    if is_uri(base) and not os.path.isabs(os.path.expanduser(path)):
+        return join(base, path)
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
 def _normalise_uri(uri: str) -> str:

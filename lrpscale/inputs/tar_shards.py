@@ -37,8 +37,9 @@ def _shard_samples(path: str, shown: str, skipped: _Skipped) -> dict[str, _Sampl
     """key -> sample for one shard, in order; raises InputError when no sample can be read at all."""
     with _open_regular(path, "list", "tar shard") as handle:
         try:
-            size = os.fstat(handle.fileno()).st_size
-            infos, ending = _tar_index(handle, shown, size)
+            size = handle.seek(0, os.SEEK_END)  # a local file or a store's object alike
+            handle.seek(0)
+            infos, ending, labels = _tar_index(handle, shown, size)
             grouped, last_key = _group_members(_tar_members(infos, shown, size), skipped)
             if not grouped and ending:
                 raise ending
@@ -48,7 +49,7 @@ def _shard_samples(path: str, shown: str, skipped: _Skipped) -> dict[str, _Sampl
                 if problem is None and key == last_key:
                     problem = ending
                 label_member = next((members[ext] for ext in LABEL_EXTENSIONS if ext in members), None)
-                label = _read_label(handle, label_member) if label_member and not label_member.problem else None
+                label = _read_label(handle, label_member, labels) if label_member and not label_member.problem else None
                 image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
                 samples[key] = _Sample(image, label, list(members), problem)
         except (OSError, tarfile.TarError) as error:
@@ -56,14 +57,18 @@ def _shard_samples(path: str, shown: str, skipped: _Skipped) -> dict[str, _Sampl
     return samples
 
 
-def _tar_index(handle: BinaryIO, shown: str, size: int) -> tuple[list[tarfile.TarInfo], InputError | None]:
-    """The members of a tar file in order, and the problem with its end (None when it ends with
-    tar's end-of-archive marker); raises InputError when it is not a tar at all."""
+def _tar_index(handle: BinaryIO, shown: str, size: int) -> tuple[list[tarfile.TarInfo], InputError | None, dict[int, bytes]]:
+    """The members of a tar file in order, the problem with its end (None when it ends with tar's
+    end-of-archive marker), and the data of its label members by data offset; raises InputError
+    when it is not a tar at all.
+
+    Labels are read as the pass goes by: seeking back for each one afterwards would cost a
+    request per sample on a store."""
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")
     except tarfile.ReadError:
         raise _not_a_tar(handle, shown, size) from None
-    infos = []
+    infos, labels = [], {}
     while True:
         try:
             info = tar.next()
@@ -72,7 +77,11 @@ def _tar_index(handle: BinaryIO, shown: str, size: int) -> tuple[list[tarfile.Ta
         if info is None:
             break
         infos.append(info)
-    return infos, _tar_ending(handle, tar.offset, size, shown, infos[-1].name if infos else None)
+        part = _sample_part(info.name)
+        if info.isreg() and part and part[1] in LABEL_EXTENSIONS:
+            handle.seek(info.offset_data)
+            labels[info.offset_data] = handle.read(info.size)
+    return infos, _tar_ending(handle, tar.offset, size, shown, infos[-1].name if infos else None), labels
 
 
 def _tar_ending(handle: BinaryIO, offset: int, size: int, shown: str, last: str | None) -> InputError | None:
@@ -153,18 +162,29 @@ def _group_members(members: Iterable[_Member], skipped: _Skipped) -> tuple[dict[
     grouped: dict[str, dict[str, _Member]] = {}
     last = None
     for member in members:
-        # WebDataset's rule: the key is the path up to the first dot of the file name; a file
-        # name that starts with a dot (hidden, macOS "._" forks) has no key and is skipped
-        match = re.match(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$", member.name)
-        if match:
-            last = match.group(1)
-            grouped.setdefault(last, {})[match.group(2).lower()] = member
+        part = _sample_part(member.name)
+        if part:
+            last = part[0]
+            grouped.setdefault(last, {})[part[1]] = member
         else:
             skipped.add("hidden" if member.name.rsplit("/", 1)[-1].startswith(".") else "no_sample_key")
     return grouped, last
 
 
-def _read_label(handle: BinaryIO, member: _Member) -> str | None:
-    """The text of a label member, stripped; None when empty."""
-    handle.seek(member.offset)
-    return handle.read(member.size).decode("utf-8", errors="replace").strip() or None
+def _sample_part(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a tar member name, or None for a name without a key.
+
+    WebDataset's rule: the key is the path up to the first dot of the file name; a file name that
+    starts with a dot (hidden, macOS "._" forks) has no key."""
+    match = re.match(r"^((?:.*/|)[^./][^./]*)\.([^/]*)$", name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def _read_label(handle: BinaryIO, member: _Member, labels: dict[int, bytes]) -> str | None:
+    """The text of a label member (from ``labels``, read during the index pass, else read now),
+    stripped; None when empty."""
+    data = labels.get(member.offset)
+    if data is None:
+        handle.seek(member.offset)
+        data = handle.read(member.size)
+    return data.decode("utf-8", errors="replace").strip() or None

@@ -202,16 +202,16 @@ def test_manifest_resolves_dedupes_and_reports_bad_uris(tmp_path, samples):
     write(tmp_path / "data" / "a.png", png)
     outside = write(tmp_path / "elsewhere" / "b.png", png)
     rows = [("a.png", "x"), ("./a.png", "y"), (outside, "z"), (f"file://{outside}", "z"),
-            ("missing/none.png", "x"), ("", "x"), ("s3://bucket/c.png", "x"), ("s3://bucket/c.png", "x")]
+            ("missing/none.png", "x"), ("", "x"), ("http://host/c.png", "x"), ("http://host/c.png", "x")]
     pd.DataFrame(rows, columns=["uri", "label"]).to_csv(tmp_path / "data" / "list.csv", index=False)
     table = list_inputs(tmp_path / "data" / "list.csv")
     assert table.column("image_id").to_pylist() == ["a.png", outside, "missing/none.png", "list.csv#5",
-                                                    "s3://bucket/c.png"]
+                                                    "http://host/c.png"]
     assert table.column("label").to_pylist()[0] == "x"  # a repeated uri keeps its first row
     assert table.column("error_type").to_pylist() == [None, None, None, "invalid_uri", "invalid_uri"]
     batch = load(table)
     assert outcomes(batch) == {"a.png": None, outside: None, "missing/none.png": ("read", "missing"),
-                               "list.csv#5": ("list", "invalid_uri"), "s3://bucket/c.png": ("list", "invalid_uri")}
+                               "list.csv#5": ("list", "invalid_uri"), "http://host/c.png": ("list", "invalid_uri")}
 
 
 def test_parquet_manifest_with_an_id_column(tmp_path, samples):
