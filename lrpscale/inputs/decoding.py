@@ -16,7 +16,7 @@ from PIL import Image
 
 from lrpscale.config import DEFAULT_MAX_PIXELS
 from lrpscale.inputs.errors import ERROR_COLUMNS, ERROR_FIELDS, InputError
-from lrpscale.inputs.preprocess import as_displayed, preprocess
+from lrpscale.inputs.preprocess import as_displayed, model_pixels, normalise
 from lrpscale.inputs.sources import LOCATOR_COLUMNS, Locator, get_source
 
 
@@ -89,12 +89,13 @@ def _without_bytes(text: str) -> str:
     return re.sub(r"""b(['"])(?:\\.|(?!\1).)*\1""", "<bytes>", text)
 
 
-def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float],
-               *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Read, decode and preprocess a batch of listing rows (a numpy batch as Ray Data hands it).
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Read and decode a batch of listing rows (a numpy batch as Ray Data hands it) into
+    (3, S, S) uint8 pictures, not yet normalised (``preprocess.normalise``).
 
     Returns every input row, in order: the locator columns are dropped, every other column
-    passes through, and it adds ``ok`` (bool, (B,)), ``pixels`` (float32, (B, 3, S, S), zeros
+    passes through, and it adds ``ok`` (bool, (B,)), ``pixels`` (uint8, (B, 3, S, S), zeros
     where not ok) and ``error_stage``/``error_type``/``error_message`` (object, None where ok).
     Rows that arrive with an error from the listing stay errors. ``split_errors`` separates
     the rows for the model from those for the ``errors`` table.
@@ -103,13 +104,13 @@ def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[flo
     listed = [batch.get(name, [None] * count) for name in ERROR_FIELDS]
     errors: list[InputError | None] = [InputError(stage, error_type, message) if stage else None
                                        for stage, error_type, message in zip(*listed)]
-    pixels = np.zeros((count, 3, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((count, 3, image_size, image_size), dtype=np.uint8)
     for index, data in _read_rows(batch, [i for i in range(count) if errors[i] is None]).items():
         if isinstance(data, InputError):
             errors[index] = data
             continue
         try:
-            pixels[index] = _model_input(data, image_size, mean, std, max_pixels)
+            pixels[index] = _model_pixels(data, image_size, max_pixels)
         except InputError as error:
             errors[index] = error
     out = {name: column for name, column in batch.items() if name not in LOCATOR_COLUMNS}
@@ -120,12 +121,23 @@ def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[flo
     return out
 
 
-def _model_input(data: bytes, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 max_pixels: int | None) -> np.ndarray:
-    """Encoded bytes -> (3, S, S) float32; raises InputError (stage "decode" or "preprocess")."""
+def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float],
+               *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """``decode_batch`` with ``pixels`` normalised: (B, 3, S, S) float32 model input (zeros
+    where not ok), for callers that feed a model in the same process."""
+    out = decode_batch(batch, image_size, max_pixels=max_pixels)
+    ok = out["ok"]
+    pixels = np.zeros(out["pixels"].shape, dtype=np.float32)
+    pixels[ok] = normalise(out["pixels"][ok], mean, std)
+    out["pixels"] = pixels
+    return out
+
+
+def _model_pixels(data: bytes, image_size: int, max_pixels: int | None) -> np.ndarray:
+    """Encoded bytes -> (3, S, S) uint8; raises InputError (stage "decode" or "preprocess")."""
     image = decode(data, max_pixels)
     try:
-        return preprocess(image, image_size, mean, std)
+        return model_pixels(image, image_size)
     except Exception as error:
         raise InputError("preprocess", "unconvertible", f"{image.mode} image of size {image.size}: "
                          f"{type(error).__name__}: {_without_bytes(str(error))}") from None

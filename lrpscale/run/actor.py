@@ -1,7 +1,11 @@
-"""The unit of distributed work: a model replica that analyses one batch of decoded inputs and
-returns result rows. A plain callable class, so it runs and is tested without Ray (also where
-Ray is not installed, as on a bare GPU machine)."""
+"""The unit of distributed work: a model replica that analyses decoded inputs. ``__call__`` turns
+one batch into result rows; ``analyse_shard`` turns a whole shard into its table files, written
+straight to the run's filesystem under a name unique to the attempt, and returns only a small
+summary for the driver to commit. A plain class, so it runs and is tested without Ray (also
+where Ray is not installed, as on a bare GPU machine)."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -9,10 +13,11 @@ import torch
 
 from lrpscale.config import AnalysisConfig
 from lrpscale.engine.analyzer import Analyzer, use_tf32
-from lrpscale.engine.models import load_model
+from lrpscale.engine.models import input_normalization, load_model
 from lrpscale.inputs.errors import ERROR_FIELDS
 from lrpscale.run.sampling import image_seed, in_sample
 from lrpscale.storage import tables
+from lrpscale.storage.store import RunStore
 
 
 def label_indices(labels, classes: list[str] | None, num_classes: int) -> list[int | None]:
@@ -34,15 +39,20 @@ def label_indices(labels, classes: list[str] | None, num_classes: int) -> list[i
 class AnalyzerActor:
     """A model replica: ``__init__`` loads the model once, ``__call__`` analyses one batch.
 
-    Takes a ``data.load_batch`` output (numpy columns) and returns a ``tables.RESULT`` table with
-    one row per input, each naming the Ray node that analysed it. A batch that fails in the model
+    Takes a ``decoding.decode_batch`` output (numpy columns; uint8 ``pixels`` are normalised here,
+    on the actor's device, float32 ones are taken as already normalised, as ``load_batch`` gives
+    them) and returns a ``tables.RESULT`` table with one row per input, each naming the Ray node
+    that analysed it. A batch that fails in the model
     is retried image by image, so one bad input becomes an ``analyze`` error row instead of
     taking its batch down. The images of the seeded faithfulness sample (``in_sample`` of the
     image_id, share ``faithfulness_sample``) also get their region perturbation curves.
     """
 
     def __init__(self, model: str, weights: str | None, analysis: dict, device: str | None = None,
-                 tf32: bool = False):
+                 tf32: bool = False, output: str | None = None, run_id: str | None = None,
+                 image_size: int | None = None, batch_size: int = 16):
+        """output, run_id, image_size: the run that ``analyse_shard`` writes into (not needed to
+        call the actor on a batch); batch_size: images per model call within a shard."""
         # the actor owns its process: TF32 convolutions select slightly different neurons than the
         # CPU does, so full FP32 is the default and TF32 an opt-in for speed; set before CUDA starts
         use_tf32(tf32)
@@ -53,6 +63,32 @@ class AnalyzerActor:
         self.num_classes = net.classifier[-1].out_features
         self.config = self.analyzer.config
         self.node_id = _node_id()
+        mean, std = input_normalization(net)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
+        self.model_id = net.lrpscale_model_id
+        self.store = RunStore(output) if output is not None else None
+        self.run_id = run_id
+        self.image_size = image_size or net.lrpscale_image_size
+        self.batch_size = batch_size
+
+    def analyse_shard(self, shard: int, batch: dict[str, np.ndarray], attempt: str) -> dict:
+        """Analyse a whole shard (a ``decode_batch`` output) ``batch_size`` images at a time, split
+        the rows into the run's tables and write them as this attempt's files.
+
+        Returns the summary the driver commits: shard, attempt, rows, errors, files ({table: file
+        relative to the run}), node, seconds. The rows themselves never travel to the driver."""
+        started = time.perf_counter()
+        count = len(batch["image_id"])
+        step = self.batch_size
+        parts = [self({name: column[i:i + step] for name, column in batch.items()}) for i in range(0, count, step)]
+        result = pa.concat_tables(parts) if parts else tables.RESULT.empty_table()
+        config = self.config
+        split = tables.split_result(result, min(config.heatmap_size, self.image_size), min(config.deconv_size, self.image_size),
+                                    config.deconv_mode, self.model_id, self.run_id, config.composite)
+        files = self.store.write_shard(shard, attempt, split)
+        return {"shard": shard, "attempt": attempt, "rows": result.num_rows, "errors": split["errors"].num_rows,
+                "files": files, "node": self.node_id, "seconds": time.perf_counter() - started}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["image_id"])
@@ -72,6 +108,8 @@ class AnalyzerActor:
 
     def _analyse(self, batch, indices: list[int]) -> list[dict]:
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][indices])).to(self.device)
+        if pixels.dtype == torch.uint8:  # as decoded: a quarter of the bytes crossed the object store
+            pixels = (pixels.float() / 255.0 - self.mean) / self.std
         labels = label_indices([_text(batch["label"][i]) for i in indices], self.classes, self.num_classes)
         perturb = self._perturbation_seeds([str(batch["image_id"][i]) for i in indices])
         try:

@@ -1,11 +1,12 @@
-"""The dataset audit on Ray: list once, decode in CPU tasks, analyse in a pool of model replicas,
-commit results shard by shard.
+"""The dataset audit on Ray: list once, decode in CPU tasks, analyse in a pool of model replicas
+that write their results where they are made, commit shard by shard.
 
 Exactly once, by per-shard commits (``lrpscale.storage.store``): the listing is frozen into the
-run on the first start and cut into shards. The driver collects each shard's result rows and,
-once the shard is complete, commits its file in every table and then its marker. A shard without
-a marker is not part of the run: its files are removed and it is analysed again on the next
-start. Re-running a complete run does nothing unless ``overwrite``. This module knows no LRP
+run on the first start and cut into shards. An actor analyses a whole shard and writes its file
+in every table under a name unique to the attempt; the driver gets a small summary back and
+writes the shard's marker naming those files, so no result row passes through the driver. A
+shard without a marker is not part of the run: the files of its attempts are removed and it is
+analysed again on the next start. Re-running a complete run does nothing unless ``overwrite``. This module knows no LRP
 rule: the actor hands batches to the engine's ``Analyzer``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import platform
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,20 +29,24 @@ from lrpscale import __version__
 from lrpscale.config import RunConfig
 from lrpscale.engine import faithfulness
 from lrpscale.engine.analyzer import Analyzer
-from lrpscale.engine.models import input_normalization, layer_aliases, load_model
+from lrpscale.engine.models import layer_aliases, load_model
 from lrpscale.inputs import decoding, sources
+from lrpscale.locations import is_uri
 from lrpscale.run.actor import AnalyzerActor, label_indices
 from lrpscale.run.progress import Meter, ProgressCallback, log_progress
 from lrpscale.run.session import default_actors, ensure_ray
 from lrpscale.storage import tables
-from lrpscale.storage.store import RunStore
+from lrpscale.storage.store import RunStore, new_attempt
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_ACTOR = 2  # shards handed to one actor at once: one analysed while the next decodes
+MAX_ATTEMPTS = 3         # tries of one shard before the run stops (an actor that died, a failed write)
 
 
 def fingerprint(config: RunConfig, model_id: str) -> dict:
     """What makes two runs the same run (and a resume legal): model, input, analysis, size."""
-    return {"model_id": model_id, "input": os.path.abspath(config.input), "input_kind": config.input_kind,
+    return {"model_id": model_id, "input": _input_location(config.input), "input_kind": config.input_kind,
             "image_size": config.image_size, "analysis": config.analysis.to_dict(),
             "schema_version": tables.SCHEMA_VERSION}
 
@@ -84,14 +89,11 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     stays once). Everything that can be checked (the output location, the model, the existing
     run) is checked before Ray starts.
     """
-    import ray
-
     started = time.time()
     report = log_progress() if progress is True else (progress or None)
     store = RunStore(config.output)
     store.check_location(config.input)
     model = load_model(config.model, config.weights)
-    mean, std = input_normalization(model)
     config = replace(config, image_size=config.image_size or model.lrpscale_image_size)
     try:  # unknown layer names and perturbation settings too coarse for the image fail here, not in every actor
         Analyzer(model, config.analysis)
@@ -124,12 +126,12 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     all_shards = set(np.unique(shard_ids).tolist())
     committed = store.committed() & all_shards
     pending = sorted(all_shards - committed)
-    store.discard_uncommitted(set(pending))
+    store.discard_uncommitted()
     output = store.local_path() or store.location
     base = {"run_id": run_id, "fingerprint": key, "config": config.to_dict(),
             "model_id": model.lrpscale_model_id, "composite": config.analysis.composite,
             "layers": {name: alias for alias, name in layer_aliases(model).items()},
-            "versions": _versions(), "input": os.path.abspath(config.input), "images": listing.num_rows,
+            "versions": _versions(), "input": _input_location(config.input), "images": listing.num_rows,
             "shards": len(all_shards), "created": (previous or {}).get("created", time.time())}
     if not pending:
         counts = _committed_counts(store)
@@ -139,53 +141,12 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     store.write_json({**base, "status": "running", "started": started})
 
     ensure_ray(address)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    num_actors, resources = default_actors(config)
     expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids, return_counts=True))}
-    pending_set = set(pending)
-    todo = listing.filter(pa.array(np.isin(shard_ids, pending)))
-    blocks = [todo.slice(offset, config.shard_size) for offset in range(0, todo.num_rows, config.shard_size)]
-    dataset = ray.data.from_arrow(blocks)
-    dataset = dataset.map_batches(decoding.load_batch, batch_size=config.shard_size, batch_format="numpy", num_cpus=1,
-                                  fn_kwargs={"image_size": config.image_size, "mean": mean, "std": std,
-                                             "max_pixels": config.max_pixels})
-    dataset = dataset.map_batches(
-        AnalyzerActor, batch_size=config.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model": config.model, "weights": config.weights,
-                               "analysis": config.analysis.to_dict(), "tf32": config.tf32},
-        compute=ray.data.ActorPoolStrategy(size=num_actors), **resources)
-
-    pieces: dict[int, list[pa.Table]] = defaultdict(list)
-    seen: dict[int, set[str]] = defaultdict(set)
     meter = Meter(listing.num_rows, sum(expected[s] for s in committed), report)
-    side = min(config.analysis.heatmap_size, config.image_size)
-    deconv_side = min(config.analysis.deconv_size, config.image_size)
-    first_result = None
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        first_result = first_result or time.time()
-        shards = batch.column("shard").to_numpy()
-        for shard in np.unique(shards).tolist():
-            part = batch.filter(pa.array(shards == shard))
-            ids = part.column("image_id").to_pylist()
-            fresh = [image_id not in seen[shard] for image_id in ids]
-            if shard not in pending_set or not any(fresh):
-                continue
-            if not all(fresh):  # a replayed batch must not duplicate rows
-                part = part.filter(pa.array(fresh))
-            seen[shard].update(ids)
-            pieces[shard].append(part)
-            meter.update(part.num_rows, int(pc.sum(part.column("error_stage").is_valid()).as_py() or 0))
-            if len(seen[shard]) == expected[shard]:
-                result = pa.concat_tables(pieces.pop(shard))
-                shard_tables = tables.split_result(result, side, deconv_side, config.analysis.deconv_mode,
-                                                   model.lrpscale_model_id, run_id, config.analysis.composite)
-                nodes = pc.unique(result.column("node_id")).drop_null().to_pylist()
-                store.commit(shard, shard_tables, result.num_rows, nodes)
-                pending_set.discard(shard)
-                del seen[shard]
-    if pending_set:
-        raise RuntimeError(f"shards {sorted(pending_set)} did not complete; run the same command again to resume")
+    first_result = _analyse_shards(store, listing, pending, expected, config, run_id, meter)
+    removed = store.discard_uncommitted()  # what killed or retried attempts left
+    if removed:
+        log.info("removed %d files of attempts that were killed or retried", removed)
     counts = _committed_counts(store)
     seconds = time.time() - started
     analysed = sum(expected[s] for s in pending)
@@ -194,6 +155,141 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
                       "ok": counts["ok"], "errors": counts["errors"]})
     return RunSummary(output, run_id, listing.num_rows, counts["ok"], counts["errors"], seconds, analysed,
                       warmup_seconds=(first_result or time.time()) - started)
+
+
+def _analyse_shards(store: RunStore, listing: pa.Table, pending: list[int], expected: dict[int, int],
+                    config: RunConfig, run_id: str, meter: Meter) -> float | None:
+    """Analyse the pending shards on a pool of actors and commit each as its summary arrives;
+    returns when the first shard was committed (None if none was pending).
+
+    Each shard is one unit of work: a CPU task decodes its listing rows (uint8 pixels cross the
+    object store), an actor analyses them batch by batch and writes the shard's table files
+    under a fresh attempt id, and returns a summary of a few hundred bytes. The driver writes the
+    shard's marker naming exactly those files. At most ``IN_FLIGHT_PER_ACTOR`` shards per actor
+    are out at once, so the next shard decodes while the current one is analysed. A shard whose
+    actor died goes to another actor while Ray restarts that one (``_ActorPool``); one that fails
+    otherwise (a decode worker crashed, a write failed) is tried again with a new attempt id, up
+    to ``MAX_ATTEMPTS`` times. A failed attempt's files are never committed.
+    """
+    import ray
+
+    num_actors, resources = default_actors(config)
+    # an actor whose process dies is restarted by Ray (loading its model again) when a slot is
+    # free; meanwhile its shards go to the other actors
+    actor_class = ray.remote(max_restarts=-1, **_ray_options(resources))(AnalyzerActor)
+    actors = [actor_class.remote(config.model, config.weights, config.analysis.to_dict(), tf32=config.tf32,
+                                 output=store.location, run_id=run_id, image_size=config.image_size,
+                                 batch_size=config.batch_size) for _ in range(num_actors)]
+    decode = ray.remote(num_cpus=1)(decode_shard)
+    # the listing is in shard order (shards are consecutive runs of rows); each shard a zero-copy slice
+    shard_ids = listing.column("shard").to_numpy()
+    order = np.argsort(shard_ids, kind="stable")
+    start_of = dict(zip(pending, np.searchsorted(shard_ids[order], pending).tolist()))
+
+    pool = _ActorPool(num_actors)
+    queue, in_flight, tries = deque(pending), {}, defaultdict(int)
+    first_result = None
+    try:
+        while queue or in_flight:
+            while queue and (target := pool.next()) is not None:
+                shard = queue.popleft()
+                rows = listing.take(order[start_of[shard]:start_of[shard] + expected[shard]])
+                decoded = decode.remote(rows, config.image_size, config.max_pixels)
+                in_flight[actors[target].analyse_shard.remote(shard, decoded, new_attempt())] = (shard, target)
+                pool.load[target] += 1
+            if not in_flight:  # every actor is restarting: wait for the first to be tried again
+                time.sleep(pool.wait_seconds())
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            if not done:
+                continue
+            shard, target = in_flight.pop(done[0])
+            pool.load[target] -= 1
+            try:
+                summary = ray.get(done[0])
+                if summary["rows"] != expected[shard]:
+                    raise RuntimeError(f"shard {shard}: {summary['rows']} result rows for {expected[shard]} inputs")
+            except ray.exceptions.ActorUnavailableError:
+                # the actor's process died and Ray is restarting it: not the shard's fault, so no try
+                # is counted; the shard goes to another actor, this one rests before its next shard
+                pool.resting(target)
+                queue.appendleft(shard)
+                continue
+            except ray.exceptions.ActorDiedError as error:
+                pool.dead(target, error)
+                queue.appendleft(shard)
+                continue
+            except (ray.exceptions.RayError, RuntimeError) as error:
+                tries[shard] += 1
+                if tries[shard] >= MAX_ATTEMPTS:
+                    raise RuntimeError(f"shard {shard} failed {tries[shard]} times, last: {error}; "
+                                       "run the same command again to resume") from error
+                log.warning("shard %d failed (attempt %d of %d), submitting it again: %s", shard, tries[shard],
+                            MAX_ATTEMPTS, str(error).splitlines()[0] if str(error) else type(error).__name__)
+                queue.appendleft(shard)
+                continue
+            pool.worked(target)
+            store.mark_committed(shard, summary["attempt"], summary["files"], summary["rows"],
+                                 [summary["node"]] if summary["node"] else [])
+            first_result = first_result or time.time()
+            meter.update(summary["rows"], summary["errors"])
+    finally:
+        for actor in actors:  # also ends a restart still waiting for a slot
+            ray.kill(actor)
+    return first_result
+
+
+class _ActorPool:
+    """Which actor gets the next shard: the least loaded of those not resting, at most
+    ``IN_FLIGHT_PER_ACTOR`` shards each. An actor whose call found it restarting rests, 1 s
+    then twice as long each time up to 30 s, so shards flow to the others meanwhile."""
+
+    def __init__(self, size: int):
+        self.load = [0] * size
+        self.not_before = [0.0] * size
+        self.pause = [1.0] * size
+        self.gone: dict[int, Exception] = {}
+
+    def next(self) -> int | None:
+        now = time.time()
+        ready = [i for i in range(len(self.load)) if i not in self.gone and self.not_before[i] <= now
+                 and self.load[i] < IN_FLIGHT_PER_ACTOR]
+        return min(ready, key=self.load.__getitem__) if ready else None
+
+    def wait_seconds(self) -> float:
+        waits = [self.not_before[i] - time.time() for i in range(len(self.load)) if i not in self.gone]
+        return min(max(0.05, min(waits)), 30.0)
+
+    def resting(self, actor: int) -> None:
+        self.not_before[actor] = time.time() + self.pause[actor]
+        self.pause[actor] = min(2 * self.pause[actor], 30.0)
+
+    def worked(self, actor: int) -> None:
+        self.pause[actor] = 1.0
+
+    def dead(self, actor: int, error: Exception) -> None:
+        """An actor Ray will not restart (its constructor failed, or its restarts ran out)."""
+        self.gone[actor] = error
+        if len(self.gone) == len(self.load):
+            raise RuntimeError(f"every analyser actor died, the last: {error}") from error
+        log.warning("an analyser actor died and will not come back (%s); going on with %d",
+                    str(error).splitlines()[0], len(self.load) - len(self.gone))
+
+
+def decode_shard(rows: pa.Table, image_size: int, max_pixels: int | None) -> dict[str, np.ndarray]:
+    """A shard's listing rows -> ``decoding.decode_batch``'s numpy columns (uint8 pixels); a Ray task."""
+    columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    return decoding.decode_batch(columns, image_size, max_pixels=max_pixels)
+
+
+def _input_location(spec: str) -> str:
+    """The input as recorded in run.json: a local path made absolute, a URI as given."""
+    return spec if is_uri(spec) else os.path.abspath(spec)
+
+
+def _ray_options(resources: dict) -> dict:
+    """RunConfig.actor_resources as ``ray.remote`` options (the keys are Ray's own)."""
+    return {key: value for key, value in resources.items() if value is not None}
 
 
 def check_labels(listing: pa.Table, model, target: str) -> None:

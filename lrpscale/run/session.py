@@ -53,8 +53,8 @@ def default_actors(config: RunConfig) -> tuple[int, dict]:
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    # a CPU actor gets 2 CPUs: Ray limits its torch threads to them, and requests that differ
-    # from the decode tasks' keep Ray Data from fusing decoding into the actors
+    # a CPU actor gets 2 CPUs: Ray limits its torch threads to them (and leaves the rest of a
+    # small machine to the decode tasks)
     resources = config.actor_resources or ({"num_gpus": 1} if gpus else {"num_cpus": 2})
     if config.num_actors:
         return config.num_actors, resources

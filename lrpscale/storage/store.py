@@ -5,15 +5,17 @@ next). Its layout::
 
     run.json                  configuration, model, counts, timings, status
     _listing.parquet          every input, frozen on the first start and cut into shards
-    _commits/part-NNNNN.json  one marker per committed shard
-    <table>/part-NNNNN.parquet  one file per shard in each table (images, neurons, ...)
+    _commits/part-NNNNN-<attempt>.json  one marker per committed shard, naming its attempt's files
+    <table>/part-NNNNN-<attempt>.parquet  one file per shard attempt in each table (images, neurons, ...)
     classes/                  the reducer's output
     compare-<run>/            comparisons written into this run
     evaluation/<settings id>/ faithfulness and randomisation checks (``lrpscale evaluate``)
     report.html               the HTML report
 
-Exactly once rests on the markers: a shard's table files count only once its marker exists, and
-readers read committed files only. Every file is written to a hidden temporary name first and
+Exactly once rests on the markers: the actors write a shard's table files under a name unique to
+their attempt, and the driver then writes the shard's marker, which names that attempt; readers
+read only the files a marker names, so a killed or retried attempt's files are never seen, and
+the next start (and the end of a run) deletes them. Every file is written to a hidden temporary name first and
 then renamed, so a crash leaves the old file or the new one, never half of one. lrpscale deletes
 only what this module lists as the run's own (``owned``): a user's file in the folder stays.
 """
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lrpscale.locations import resolve
 from lrpscale.storage.tables import TABLES
 
 RUN_JSON = "run.json"
@@ -42,20 +46,19 @@ COMPARE_PREFIX = "compare-"
 EVALUATION = "evaluation"
 
 
+# a commit marker's name: the shard and, since attempts are named, the attempt whose files it commits
+_MARKER = re.compile(r"part-(\d+)(?:-([0-9a-f]+))?\.json")
+
+
+def new_attempt() -> str:
+    """A fresh attempt id: 12 hex digits, unique per write of a shard (a retried or resumed shard
+    writes new files beside any that a killed attempt left)."""
+    return uuid.uuid4().hex[:12]
+
+
 def safe_name(name) -> str:
     """A class name or layer as a file name: letters, digits, '-', '_' and '.' kept, the rest '_'."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
-
-
-def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """A location (a local path or a URI such as ``file://``, ``s3://``) -> (filesystem, path in it).
-
-    Local paths become absolute; every URI goes through ``pyarrow.fs.FileSystem.from_uri``, so
-    credentials and endpoints come from each store's standard environment."""
-    text = os.fspath(location)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), os.path.abspath(text)
 
 
 class RunStore:
@@ -196,36 +199,70 @@ class RunStore:
     def shard_name(shard: int) -> str:
         return f"part-{shard:05d}"
 
+    @classmethod
+    def shard_file(cls, table: str, shard: int, attempt: str | None) -> str:
+        """A shard's file of one table, relative to the run: ``<table>/part-NNNNN-<attempt>.parquet``
+        (``part-NNNNN.parquet`` for runs written before attempts were named)."""
+        return f"{table}/{cls.shard_name(shard)}{'-' + attempt if attempt else ''}.parquet"
+
+    def commits(self) -> dict[int, str | None]:
+        """{shard: the attempt whose files make it up} for every committed shard, from the marker
+        names alone (one listing, no reads): ``_commits/part-NNNNN-<attempt>.json``, or
+        ``part-NNNNN.json`` for a run written before attempts were named (attempt None)."""
+        found = {}
+        for entry in self.entries(COMMITS):
+            if match := _MARKER.fullmatch(entry.base_name):
+                found[int(match.group(1))] = match.group(2)
+        return found
+
     def committed(self) -> set[int]:
         """The shards whose commit marker exists."""
-        return {int(match.group(1)) for entry in self.entries(COMMITS)
-                if (match := re.fullmatch(r"part-(\d+)\.json", entry.base_name))}
+        return set(self.commits())
 
     def committed_files(self, table: str) -> list[str]:
-        """The Parquet files of a table whose shards are committed (a crashed shard's are not), sorted."""
-        committed = {self.shard_name(shard) for shard in self.committed()}
-        return sorted(entry.path for entry in self.entries(table)
-                      if entry.base_name.endswith(".parquet") and entry.base_name[:-8] in committed)
+        """The Parquet files of a table that committed shards name (files of a crashed, killed or
+        retried attempt are not among them), sorted: two listings, whatever the run's size."""
+        names = {self.shard_file(table, shard, attempt).rpartition("/")[2] for shard, attempt in self.commits().items()}
+        return sorted(entry.path for entry in self.entries(table) if entry.base_name in names)
 
     def committed_rows(self, table: str) -> int:
         return sum(self.parquet_file(path).metadata.num_rows for path in self.committed_files(table))
 
-    def discard_uncommitted(self, shards: set[int]) -> None:
-        """Remove the table files of shards without a commit marker (a crash between writes)."""
+    def discard_uncommitted(self) -> int:
+        """Remove every table file that no commit marker names (what a crashed driver, a killed
+        actor or a retried attempt left behind) and the temporary files of interrupted writes;
+        returns how many files went. Only lrpscale's own table folders are looked into."""
+        removed = 0
         for table in TABLES:
-            names = {f"{self.shard_name(shard)}.parquet" for shard in shards}
+            keep = set(self.committed_files(table))
             for entry in self.entries(table):
-                if entry.base_name in names:
+                if entry.type == pafs.FileType.File and entry.path not in keep:
                     self.fs.delete_file(entry.path)
+                    removed += 1
+        return removed
+
+    def write_shard(self, shard: int, attempt: str, tables: dict[str, pa.Table]) -> dict[str, str]:
+        """Write one attempt's file of a shard in every table (each atomically); returns {table:
+        file relative to the run}. Readers ignore the files until ``mark_committed`` names them."""
+        files = {}
+        for table_name, table in tables.items():
+            files[table_name] = self.shard_file(table_name, shard, attempt)
+            self.write_parquet(files[table_name], table, compression="zstd")
+        return files
+
+    def mark_committed(self, shard: int, attempt: str, files: dict[str, str], rows: int, nodes: list[str] = ()) -> None:
+        """Write a shard's commit marker: from then on the attempt's ``files`` are the shard. The
+        marker's name carries the attempt (readers need no read of it); its content names the
+        files, the rows and the Ray nodes whose actors analysed it."""
+        marker = {"shard": shard, "attempt": attempt, "rows": rows, "files": files, "time": time.time(),
+                  "nodes": sorted(nodes)}
+        self.write_bytes(f"{COMMITS}/{self.shard_name(shard)}-{attempt}.json", json.dumps(marker).encode())
 
     def commit(self, shard: int, tables: dict[str, pa.Table], rows: int, nodes: list[str] = ()) -> None:
-        """Write a shard's file in every table, then its marker (``nodes``: the Ray nodes whose
-        actors analysed it). Until the marker exists no reader sees the files."""
-        name = self.shard_name(shard)
-        for table_name, table in tables.items():
-            self.write_parquet(f"{table_name}/{name}.parquet", table, compression="zstd")
-        marker = {"shard": shard, "rows": rows, "time": time.time(), "nodes": sorted(nodes)}
-        self.write_bytes(f"{COMMITS}/{name}.json", json.dumps(marker).encode())
+        """Write a shard's files and then its marker in one go (a fresh attempt id): what a writer
+        that holds the whole shard does (synthetic runs, tests)."""
+        attempt = new_attempt()
+        self.mark_committed(shard, attempt, self.write_shard(shard, attempt, tables), rows, nodes)
 
     # --- derived outputs ------------------------------------------------------------------------
 

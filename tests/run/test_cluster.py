@@ -115,10 +115,9 @@ def test_one_analyser_per_slot_runs_on_each_worker_node(cluster, digits, tiny_we
 
 
 def test_worker_node_lost_mid_run_still_gives_every_image_once(cluster, digits, tiny_weights, tmp_path):
-    """Both analysers are busy when one worker node is SIGKILLed. Ray Data retries the lost actor's
-    batches on that actor once Ray restarts it, which needs a free slot: the pool releases the
-    survivor's actor when the input is drained, the restarted actor takes its slot and finishes
-    the lost batches, and the same driver completes the run."""
+    """Both analysers are busy when one worker node is SIGKILLed. The lost actor's shards fail as
+    unavailable and go to the survivor (Ray would restart the lost actor, but no slot is free),
+    whose new attempts are committed; the same driver completes the run."""
     assert len(cluster.workers) == 2
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"

@@ -35,13 +35,27 @@ def test_a_store_of_a_local_folder_is_rooted_at_its_absolute_path(tmp_path, monk
 # --- commits and exactly once -----------------------------------------------------------------
 
 
-def test_commit_writes_each_table_of_the_shard_and_its_marker(tmp_path):
+def only(folder: Path) -> Path:
+    """The one file in a folder."""
+    files = list(folder.iterdir())
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_commit_writes_each_table_of_the_shard_and_a_marker_naming_the_files(tmp_path):
     store = RunStore(tmp_path / "run")
     store.commit(3, shard_tables("a", "b"), rows=2, nodes=["node-b", "node-a"])
-    assert pq.read_table(tmp_path / "run" / "images" / "part-00003.parquet").column("image_id").to_pylist() == ["a", "b"]
-    assert (tmp_path / "run" / "errors" / "part-00003.parquet").is_file()
-    marker = json.loads((tmp_path / "run" / "_commits" / "part-00003.json").read_text())
-    assert {key: marker[key] for key in ("shard", "rows", "nodes")} == {"shard": 3, "rows": 2, "nodes": ["node-a", "node-b"]}
+    images = only(tmp_path / "run" / "images")
+    assert images.name.startswith("part-00003-") and images.suffix == ".parquet"
+    assert pq.read_table(images).column("image_id").to_pylist() == ["a", "b"]
+    marker_file = only(tmp_path / "run" / "_commits")
+    attempt = images.name[len("part-00003-"):-len(".parquet")]
+    assert marker_file.name == f"part-00003-{attempt}.json"
+    marker = json.loads(marker_file.read_text())
+    assert marker["files"] == {"images": f"images/{images.name}", "errors": f"errors/part-00003-{attempt}.parquet"}
+    assert {key: marker[key] for key in ("shard", "attempt", "rows", "nodes")} == {
+        "shard": 3, "attempt": attempt, "rows": 2, "nodes": ["node-a", "node-b"]}
+    assert store.commits() == {3: attempt}
 
 
 def test_committed_is_empty_for_a_new_run(tmp_path):
@@ -55,15 +69,28 @@ def test_committed_lists_the_shards_with_a_marker(tmp_path):
     assert store.committed() == {0, 2, 11}
 
 
-def test_files_of_a_shard_without_its_marker_are_not_committed(tmp_path):
-    """A crash after a shard's table files and before its marker: the files must stay invisible,
-    or a resumed run would count their images twice."""
+def test_files_of_an_attempt_without_its_marker_are_not_committed(tmp_path):
+    """Files an actor wrote before it was killed, or before the driver died: they must stay
+    invisible, or a resumed run would count their images twice; the same shard's committed
+    attempt is what readers see."""
     store = RunStore(tmp_path / "run")
     store.commit(0, shard_tables("a"), rows=1)
-    store.write_parquet("images/part-00001.parquet", pa.table({"image_id": ["b"]}))
+    committed = store.committed_files("images")
+    store.write_shard(0, "0badc0ffee00", shard_tables("a"))       # a retried attempt of shard 0
+    store.write_shard(1, "1badc0ffee00", shard_tables("b"))       # shard 1, never committed
     assert store.committed() == {0}
-    assert store.committed_files("images") == [store.path("images", "part-00000.parquet")]
+    assert store.committed_files("images") == committed and len(committed) == 1
     assert store.committed_rows("images") == 1
+
+
+def test_runs_written_before_attempts_were_named_still_read(tmp_path):
+    """part-NNNNN.json markers commit part-NNNNN.parquet files."""
+    store = RunStore(tmp_path / "run")
+    store.write_parquet("images/part-00000.parquet", pa.table({"image_id": ["a"]}))
+    store.write_parquet("images/part-00001.parquet", pa.table({"image_id": ["b"]}))
+    store.write_bytes("_commits/part-00000.json", b"{}")
+    assert store.commits() == {0: None}
+    assert store.committed_files("images") == [store.path("images", "part-00000.parquet")]
 
 
 def test_committed_files_are_sorted_parquet_files_only(tmp_path):
@@ -72,7 +99,9 @@ def test_committed_files_are_sorted_parquet_files_only(tmp_path):
         store.commit(shard, shard_tables(f"image-{shard}"), rows=1)
     (tmp_path / "run" / "images" / ".part-00003.parquet.tmp").write_bytes(b"half a file")
     (tmp_path / "run" / "images" / "notes.txt").write_text("a user's note")
-    assert store.committed_files("images") == [store.path("images", f"part-{shard:05d}.parquet") for shard in (0, 2, 10)]
+    files = store.committed_files("images")
+    assert [Path(f).name[:10] for f in files] == ["part-00000", "part-00002", "part-00010"]
+    assert files == sorted(files)
 
 
 def test_committed_files_of_a_table_never_written_are_none(tmp_path):
@@ -88,22 +117,25 @@ def test_committed_rows_sum_the_committed_files(tmp_path):
     assert store.committed_rows("images") == 4
 
 
-def test_discard_uncommitted_removes_the_given_shards_files_in_every_table(tmp_path):
+def test_discard_uncommitted_leaves_only_the_committed_files_in_every_table(tmp_path):
     store = RunStore(tmp_path / "run")
     store.commit(0, shard_tables("a"), rows=1)
+    kept = {table: names(tmp_path / "run" / table) for table in ("images", "errors")}
     for table in ("images", "errors"):
-        store.write_parquet(f"{table}/part-00001.parquet", pa.table({"image_id": ["b"]}))
-    store.discard_uncommitted({1})
-    assert names(tmp_path / "run" / "images") == ["part-00000.parquet"]
-    assert names(tmp_path / "run" / "errors") == ["part-00000.parquet"]
+        store.write_shard(1, "aaaaaaaaaaaa", {table: pa.table({"image_id": ["b"]})})
+        store.write_shard(0, "bbbbbbbbbbbb", {table: pa.table({"image_id": ["a"]})})
+        (tmp_path / "run" / table / ".part-00002-cccccccccccc.parquet.tmp").write_bytes(b"half")
+    assert store.discard_uncommitted() == 6
+    assert {table: names(tmp_path / "run" / table) for table in ("images", "errors")} == kept
     assert store.committed() == {0}
 
 
-def test_discard_uncommitted_of_shards_without_files_changes_nothing(tmp_path):
+def test_discard_uncommitted_of_a_clean_run_changes_nothing(tmp_path):
     store = RunStore(tmp_path / "run")
     store.commit(0, shard_tables("a"), rows=1)
-    store.discard_uncommitted({5, 6})
-    assert store.committed_files("images") == [store.path("images", "part-00000.parquet")]
+    before = store.committed_files("images")
+    assert store.discard_uncommitted() == 0
+    assert store.committed_files("images") == before
 
 
 # --- what a run is and owns -------------------------------------------------------------------
