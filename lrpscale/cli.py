@@ -270,10 +270,12 @@ def reduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-nodes", type=int, default=8, help="neurons per layer in a class graph")
     parser.add_argument("--min-edge-frequency", type=float, default=0.1)
     parser.add_argument("--no-pictures", action="store_true")
+    parser.add_argument("--no-strategies", action="store_true",
+                        help="skip SpRAy's strategies per class (`lrpscale strategies` with its defaults, on Ray)")
 
 
 def reduce(args: argparse.Namespace) -> int:
-    """Class-level summaries of a run."""
+    """Class-level summaries of a run, then (unless --no-strategies) its strategies per class."""
     from lrpscale.report.class_pictures import reduce_with_pictures
 
     _warn_if_incomplete(args.run)
@@ -283,7 +285,46 @@ def reduce(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(str(error)) from None
     print(f"classes: {out}")
+    if not args.no_strategies:
+        _print_strategies(_strategies(args.run))
     return 0
+
+
+def strategies_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="a run directory")
+    parser.add_argument("--features", default="heatmap", choices=("heatmap", "channels"),
+                        help="what images are compared by: the stored heatmap sum-pooled to at most 32x32 (default), "
+                        "or the swept layer's relevance per channel")
+    parser.add_argument("--cap", type=int, default=20000, metavar="N",
+                        help="a class of more images is clustered on a seeded sample of N, the rest joins the nearest "
+                        "cluster (default 20000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sample, k-means and t-SNE (default 0)")
+    parser.add_argument("--k", type=int, default=10, metavar="K", help="nearest neighbours in the affinity graph (default 10)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS, else local)")
+
+
+def strategies(args: argparse.Namespace) -> int:
+    """SpRAy per class, by label and by prediction: one Ray task per class; tables into RUN/classes/."""
+    _warn_if_incomplete(args.run)
+    _print_strategies(_strategies(args.run, features=args.features, cap=args.cap, seed=args.seed, k=args.k,
+                                  address=args.address))
+    return 0
+
+
+def _strategies(run: str, **options):
+    from lrpscale.run.strategies import run_strategies
+
+    try:
+        return run_strategies(run, **options)
+    except (OSError, ValueError) as error:
+        # a failed Ray task arrives as RayTaskError(ValueError): its cause is the one-line message
+        raise CommandError(str(getattr(error, "cause", None) or error)) from None
+
+
+def _print_strategies(summary) -> None:
+    print(summary.text(), end="")
+    print(f"strategies: {summary.location}  (strategy_classes.parquet: rank 1 = look here first; strategies.parquet, "
+          f"strategy_clusters.parquet; {summary.seconds:.0f} s)")
 
 
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -446,7 +487,9 @@ def demo(args: argparse.Namespace) -> int:
 register("explain", "explain one image: heatmap, neurons across k, MSE/SMAPE, critical path, deconvolutions",
          explain_arguments, explain)
 register("run", "audit a dataset on Ray: per-image results to Parquet, then the reducer", run_arguments, run)
-register("reduce", "class-level graphs, summary heatmaps and k curves of a run", reduce_arguments, reduce)
+register("reduce", "class-level graphs, summary heatmaps, k curves and strategies of a run", reduce_arguments, reduce)
+register("strategies", "SpRAy per class: the prediction strategies of each class as clusters of its heatmaps, "
+         "ranked by how clearly a class splits", strategies_arguments, strategies)
 register("compare", "compare two runs: accuracy, heatmap drift, critical-path overlap, k and SMAPE per class",
          compare_arguments, compare)
 register("report", "one self-contained HTML page: summary, class gallery, worst-explained images, errors, "

@@ -57,8 +57,10 @@ class BatchAnalysis:
     curves: PerturbationCurves | None = None
 
     def records(self) -> list[dict]:
-        """One plain-Python record per image: scalars, the small heatmap as a float32 array, and
-        nested lists of neurons, scores, edges and deconvolutions (the shape Parquet rows take)."""
+        """One plain-Python record per image: scalars, the small heatmap as a float32 array, the
+        channel relevance (C,) float32 of the first swept layer divided by its sum of |values|
+        (zeros stay zeros; None without a swept layer), and nested lists of neurons, scores, edges
+        and deconvolutions (the shape Parquet rows take)."""
         # every tensor to plain lists once: element-wise reads of GPU tensors would sync each time
         probabilities = self.logits.softmax(1)
         relevance_in = self.heatmap.flatten(1)
@@ -73,6 +75,7 @@ class BatchAnalysis:
         selected = {layer: (chosen.relevance.tolist(), chosen.activation.tolist(), chosen)
                     for layer, chosen in self.selected.items()}
         small = self.heatmap_small.float().cpu().numpy()
+        channel_relevance = self._channel_relevance()  # not `channels`: the deconvolution loop below uses that name
         pictures = {layer: (channels.tolist(), images.float().cpu().numpy(), self.selected[layer].counts.tolist())
                     for layer, (channels, images) in self.deconv.items()}
         score_lists = {layer: {variant: tuple(t.tolist() for t in result.scores[variant]) for variant in VARIANTS}
@@ -107,6 +110,7 @@ class BatchAnalysis:
                 "rel_neg": rel_neg[n],
                 "conservation_error": conservation[n],
                 "heatmap": small[n],
+                "channel_relevance": None if channel_relevance is None else channel_relevance[n],
                 "layer_totals": {layer: total[n] for layer, total in totals.items()},
                 "neurons": neurons,
                 "scores": scores,
@@ -115,6 +119,16 @@ class BatchAnalysis:
                 "faithfulness": curve_points.get(n, []),
             })
         return rows
+
+    def _channel_relevance(self):
+        """(N, C) float32 numpy: the per-channel relevance of the first swept layer, each row divided
+        by its sum of |values| (SpRAy's channel features, docs/method.md §18), or None."""
+        if not self.sweeps:
+            return None
+        relevance = self.selected[next(iter(self.sweeps))].relevance.float()
+        total = relevance.abs().sum(1, keepdim=True)
+        return torch.where(total > 0, relevance / total.clamp(min=torch.finfo(torch.float32).tiny),
+                           torch.zeros_like(relevance)).cpu().numpy()
 
     def _curve_points(self) -> dict[int, list[dict]]:
         """{image row: its curve points (order, step, fraction, logit, prob), orders in ``ORDERS``

@@ -1,6 +1,6 @@
 """The HTML report of a run: one self-contained page (pictures inline as PNG data URIs, CSS inline,
-no scripts, nothing fetched) with the run summary, a class gallery, the worst-explained images, the
-errors and, when asked, the comparison with another run.
+no scripts, nothing fetched) with the classes' prediction strategies (SpRAy), the run summary, a
+class gallery, the worst-explained images, the errors and, when asked, the comparison with another run.
 
     write_report("runs/audit")                        # runs/audit/report.html
     write_report("runs/new", compare="runs/old")      # with the comparison old (A) -> new (B)
@@ -31,7 +31,8 @@ from lrpscale.results import Run
 from lrpscale.results.class_counts import class_order
 from lrpscale.results.comparison import compare_runs, percent
 from lrpscale.results.reducer import reduce_run
-from lrpscale.storage.store import REPORT, RunStore
+from lrpscale.results.run import STRATEGY_FILES
+from lrpscale.storage.store import CLASSES, REPORT, RunStore
 from lrpscale.storage.tables import square_picture
 
 GALLERY_CLASSES = 20  # classes pictured in the gallery unless told otherwise
@@ -41,6 +42,8 @@ HEATMAP_PIXELS = 128  # displayed side of a heatmap thumbnail (the PNG holds the
 INPUT_PIXELS = 128  # largest side of an input thumbnail's PNG
 MAX_INPUT_BYTES = 32 * 1024 ** 2  # larger input files get no thumbnail
 FIGURE_DPI = 100
+STRATEGY_MEMBERS = 4  # member thumbnails per cluster in the Strategies section
+MEMBER_PIXELS = 64  # their displayed side, and the largest side of their input's PNG
 
 
 def write_report(run: str | Path | Run, compare: str | Path | Run | None = None, output: str | Path | None = None,
@@ -64,7 +67,8 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
     if not run.is_reduced:
         reduce_run(run.store)
     labels = run.layer_labels
-    sections = [("summary", "Run summary", _summary_section(run, rows)),
+    sections = [("strategies", "Strategies", _strategies_section(run, labels, gallery, rows)),
+                ("summary", "Run summary", _summary_section(run, rows)),
                 ("classes", "Class gallery", _gallery_section(run, labels, gallery, classes)),
                 ("trust", "Can the heatmaps be trusted?", _trust_section(run, rows)),
                 ("worst", "Worst-explained images", _worst_section(run, labels, rows)),
@@ -91,6 +95,113 @@ def render_report(run: Run, compare: str | Path | Run | None = None, gallery: in
 
 
 # --- sections ------------------------------------------------------------------------------------
+
+def _strategies_section(run: Run, labels: dict[str, str], count: int, rows: int) -> str:
+    """SpRAy per class by label (docs/method.md §18): the classes in rank order (lowest
+    connectivity first) as a table of ``rows`` rows, then a card for each of the first ``count``:
+    its eigenvalues and t-SNE layout, and per cluster the prototype, size, accuracy, the members
+    closest to the prototype and the distinguishing neurons."""
+    from lrpscale.report import strategy_figures
+
+    if not run.has_strategies:
+        return ("<p class=note>No strategies for this run yet: <code>lrpscale strategies RUN</code> (also run by "
+                "<code>lrpscale reduce RUN</code>) clusters each class's heatmaps (SpRAy) and ranks the classes by "
+                "how clearly their images fall into groups explained in different ways.</p>")
+    classes = run.strategy_classes
+    classes = classes[classes["grouping"] == "label"].sort_values("rank", ignore_index=True)
+    if classes.empty:
+        return "<p class=note>The run has no labelled images: its strategies are by prediction only (see the tables).</p>"
+    first = classes.iloc[0]
+    features = {"heatmap": "heatmaps sum-pooled to at most 32x32", "channels": "relevance per channel of the swept layer"}
+    intro = (f"SpRAy: each class's images are compared by their {features.get(first['features'], first['features'])} "
+             f"(each divided by its sum of |relevance|); a {int(first['k'])}-nearest-neighbour graph, its Laplacian's "
+             "eigenvalues and the largest gap among the first ten give the number of clusters, one per prediction "
+             "strategy. Connectivity is the second-smallest eigenvalue: near 0, part of the class is explained unlike "
+             "the rest (a watermark, a background, a border) and worth a look. Classes by true label, lowest "
+             f"connectivity first (seed {int(first['seed'])}; classes above {int(first['cap'])} images clustered on "
+             "a sample). In each card: the eigenvalues, the red arrow at the gap that set the number of clusters "
+             "(looked for up to the dotted line); the t-SNE layout of the class's images, one colour per cluster; per "
+             "cluster, framed in its colour, the prototype (the mean of its normalised heatmaps), the members closest "
+             "to it (input and heatmap) and the neurons selected far more or less often in it than in the rest of the class.")
+    shares = run.store.read_parquet(f"{CLASSES}/{STRATEGY_FILES['strategy_clusters']}", columns=["class", "share"],
+                                    filters=[("grouping", "==", "label")]).to_pandas().groupby("class")["share"].max()
+    table = classes.head(rows).assign(largest=[float(shares.get(cls, np.nan)) for cls in classes["class"].head(rows)])
+    table = table[["rank", "class_name", "images", "clusters", "connectivity", "eigengap", "largest"]].rename(
+        columns={"class_name": "class", "clusters": "strategies", "largest": "largest cluster"})
+    cut = (f"The first {rows} of {len(classes)} classes; " if len(classes) > rows else "")
+    several = int((classes["clusters"] > 1).sum())
+    note = (f"{cut}{several} of {len(classes)} classes split into more than one cluster (the eigengap rule offers at "
+            f"least two for a class of more than {int(first['k']) + 1} images: the connectivity says how clearly they "
+            "separate).")
+    shown = classes.head(count)
+    cards = [_strategy_card(run, labels, row, strategy_figures)
+             for row in shown.rename(columns={"class": "cls"}).itertuples()]
+    more = (f"<p class=note>Cards for the first {len(shown)} of {len(classes)} classes (more with --gallery).</p>"
+            if len(classes) > len(shown) else "")
+    return (f"<p class=note>{html.escape(intro)}</p><p class=note>{html.escape(note)}</p>"
+            + _table(table, {"largest cluster": percent}) + more + "\n".join(cards))
+
+
+def _strategy_card(run: Run, labels: dict[str, str], row, strategy_figures) -> str:
+    """One class of the Strategies section (``row``: its strategy_classes row, ``class`` as ``cls``)."""
+    cls = row.cls
+    where = [("grouping", "==", "label"), ("class", "==", cls)]
+    members = run.store.read_parquet(f"{CLASSES}/{STRATEGY_FILES['strategies']}", filters=where).to_pandas()
+    clusters = run.store.read_parquet(f"{CLASSES}/{STRATEGY_FILES['strategy_clusters']}", filters=where).to_pandas()
+    figure = strategy_figures.class_strategies_figure(
+        row.eigenvalues, int(row.clusters), row.eigengap, members["x"], members["y"], members["cluster"],
+        int(row.max_clusters), title=f"class {row.class_name}: {int(row.images)} images, connectivity {row.connectivity:.3g}")
+    images = run.table("images", ["image_id", "uri", "label", "pred_label", "heatmap"],
+                       (ds.field("label") == cls) & ds.field("image_id").isin(members["image_id"].tolist()))
+    images = images.merge(members[["image_id", "cluster"]], on="image_id").sort_values("image_id", ignore_index=True)
+    side = int(run.info.get("config", {}).get("image_size") or INPUT_PIXELS)
+    parts = []
+    for cluster in clusters.sort_values("cluster").itertuples():
+        prototype = square_picture(cluster.prototype)
+        mine = images[images["cluster"] == cluster.cluster]
+        tiles = []
+        for member in _closest(mine, prototype).itertuples():
+            picture = _input_picture(member.uri, min(side, MEMBER_PIXELS))
+            shown = [_image_html(picture, f"input {member.image_id}", pixels=MEMBER_PIXELS)] if picture is not None else []
+            shown.append(_heatmap_html(square_picture(member.heatmap), f"heatmap of {member.image_id}", pixels=MEMBER_PIXELS))
+            title = f"{member.image_id}, predicted {member.pred_label}"
+            tiles.append(f'<figure class=member title="{html.escape(title)}"><div class=row>{"".join(shown)}</div>'
+                         f"<figcaption>{html.escape(_shorten(member.image_id, 28))}</figcaption></figure>")
+        neurons = [f"<li>{html.escape(labels.get(n['layer'], n['layer']))} #{int(n['neuron'])}: "
+                   f"{percent(n['frequency_inside'])} of the cluster, {percent(n['frequency_outside'])} of the rest"
+                   f"{neuron_references_html(run, n['layer'], int(n['neuron']))}</li>"
+                   for n in cluster.distinguishing_neurons]
+        listed = (f"<p>distinguishing neurons (how often selected):</p><ul>{''.join(neurons)}</ul>" if neurons else
+                  "<p class=note>no distinguishing neurons (one cluster, or equal shares)</p>")
+        colour = strategy_figures.cluster_colour(cluster.cluster)
+        parts.append(f'<div class=cluster style="border-left-color: {colour}"><figure>'
+                     f'{_heatmap_html(prototype, f"prototype of cluster {cluster.cluster} of class {cls}", pixels=96)}'
+                     f"<figcaption>prototype</figcaption></figure><div class=facts><h4>cluster {int(cluster.cluster)}</h4>"
+                     f"<p>{int(cluster.images)} images ({percent(cluster.share)} of the class), accuracy "
+                     f"{percent(cluster.accuracy)}</p>{listed}</div><div class=members>{''.join(tiles)}</div></div>")
+    return (f'<article class=card id="strategies-{html.escape(cls)}"><h3>class {html.escape(str(row.class_name))}: '
+            f"{int(row.clusters)} strateg{'ies' if int(row.clusters) != 1 else 'y'} (rank {int(row.rank)})</h3>"
+            f'{_figure_html(figure, f"eigenvalues and t-SNE layout of class {cls}", "figure")}{"".join(parts)}</article>')
+
+
+def _closest(members: pd.DataFrame, prototype: np.ndarray) -> pd.DataFrame:
+    """The ``STRATEGY_MEMBERS`` members whose heatmap is closest to the cluster's prototype
+    (cosine), ties by image_id: the cluster's most typical images."""
+    if members.empty:
+        return members
+    maps = np.stack([square_picture(h).ravel() for h in members["heatmap"]]).astype(np.float64)
+    target = prototype.ravel().astype(np.float64)
+    norms = np.linalg.norm(maps, axis=1) * max(np.linalg.norm(target), 1e-30)
+    cosine = np.divide(maps @ target, norms, out=np.zeros(len(maps)), where=norms > 0)
+    order = np.lexsort((members["image_id"].to_numpy(), -cosine))[:STRATEGY_MEMBERS]
+    return members.iloc[order]
+
+
+def neuron_references_html(run: Run, layer: str, neuron: int) -> str:
+    """Hook for the reference crops of a neuron (issue 13, point 3: the image regions that excite it
+    most), shown after each distinguishing neuron of the Strategies section; empty until they exist."""
+    return ""
+
 
 def _summary_section(run: Run, rows: int) -> str:
     info = run.info
@@ -222,8 +333,11 @@ def _trust_section(run: Run, rows: int) -> str:
         aopc = {order: float((classes[f"aopc_{order}"] * classes["faithfulness_images"]).sum() / perturbed)
                 for order in ORDERS}
         share = analysis.get("faithfulness_sample")
-        title = f"{composite}: {perturbed} perturbed images ({percent(share) if share else share} seeded sample)"
-        parts.append(_figure_html(trust_figures.perturbation_curves_figure(overall, aopc={None: aopc}, title=title),
+        sample = f"{perturbed} perturbed images ({percent(share) if share else share} seeded sample)"
+        parts.append(f"<p>{html.escape(str(composite))}, {html.escape(sample)}: mean AOPC MoRF {aopc['morf']:.3g}, "
+                     f"random {aopc['random']:.3g}, LeRF {aopc['lerf']:.3g}.</p>")
+        parts.append(_figure_html(trust_figures.perturbation_curves_figure(overall, aopc={None: aopc},
+                                                                           title=f"{composite}: {sample}"),
                                   "mean drop of the target logit against the fraction removed, per order", "figure"))
         per_class = heatmaps[(heatmaps["by"] == "label") & (heatmaps["faithfulness_images"] > 0)]
         per_class = per_class.sort_values(["morf_minus_random", "class"], key=lambda c: c.map(class_order)
@@ -401,8 +515,8 @@ def _heatmap_html(heatmap: np.ndarray, alt: str, image: np.ndarray | None = None
             f'src="{_png_uri(_png(rgb))}">')
 
 
-def _image_html(picture: np.ndarray, alt: str) -> str:
-    return (f'<img class=map width={HEATMAP_PIXELS} height={HEATMAP_PIXELS} alt="{html.escape(alt)}" '
+def _image_html(picture: np.ndarray, alt: str, pixels: int = HEATMAP_PIXELS) -> str:
+    return (f'<img class=map width={pixels} height={pixels} alt="{html.escape(alt)}" '
             f'src="{_png_uri(_png((picture * 255 + 0.5).astype(np.uint8)))}">')
 
 
@@ -535,4 +649,10 @@ td:last-child { white-space: normal; }
 .legend { display: inline-block; width: 120px; height: 10px; vertical-align: middle; border: 1px solid #ccc;
   background: linear-gradient(to right, #0000ff, #ffffff, #ff0000); }
 footer { color: #777; font-size: 12px; padding: 12px 24px; }
+.cluster { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; border-left: 6px solid #ccc;
+  padding: 6px 10px; margin: 8px 0; background: #fcfcfc; }
+.cluster h4 { margin: 0 0 4px 0; font-size: 14px; }
+.cluster ul { margin: 2px 0; padding-left: 18px; font-size: 13px; }
+.members { display: flex; flex-wrap: wrap; gap: 8px; }
+.member figcaption { font-size: 11px; color: #555; }
 """

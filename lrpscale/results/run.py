@@ -30,6 +30,11 @@ from lrpscale.storage.tables import square_picture
 EVALUATION_TABLES = ("faithfulness", "aopc", "randomisation")
 EVALUATION_SETTINGS = "settings.json"
 EVALUATION_SUMMARY = "summary.json"
+# What ``lrpscale strategies`` writes into RUN/classes/ (lrpscale.results.strategies); the settings
+# file comes last, so the tables are complete once it exists
+STRATEGY_FILES = {"strategies": "strategies.parquet", "strategy_classes": "strategy_classes.parquet",
+                  "strategy_clusters": "strategy_clusters.parquet"}
+STRATEGY_SETTINGS = "strategies.json"
 
 
 class Run:
@@ -154,6 +159,27 @@ class Run:
         """The scores at each image's chosen k, one row per image, layer and variant (reducer)."""
         return self._classes_table(CHOSEN_SCORES)
 
+    @cached_property
+    def strategies(self) -> pd.DataFrame:
+        """SpRAy (``lrpscale strategies``): per grouping, class and image its cluster, t-SNE
+        position (x, y) and whether it was in the clustered sample."""
+        return self._classes_table(STRATEGY_FILES["strategies"], command="strategies")
+
+    @cached_property
+    def strategy_classes(self) -> pd.DataFrame:
+        """SpRAy per class: eigenvalues, suggested clusters, eigengap, connectivity, rank (1 = look
+        here first) and the settings."""
+        return self._classes_table(STRATEGY_FILES["strategy_classes"], command="strategies")
+
+    @cached_property
+    def strategy_clusters(self) -> pd.DataFrame:
+        """SpRAy per cluster: images, share, accuracy, prototype heatmap, distinguishing neurons."""
+        return self._classes_table(STRATEGY_FILES["strategy_clusters"], command="strategies")
+
+    @property
+    def has_strategies(self) -> bool:
+        return self.store.is_file(CLASSES, STRATEGY_SETTINGS)
+
     @property
     def is_reduced(self) -> bool:
         return self.store.is_file(CLASSES, "summary_heatmaps.parquet")
@@ -214,11 +240,11 @@ class Run:
             raise KeyError(f"no evaluation {settings_id!r} in {self.store.location}; it has: {', '.join(done['settings_id'])}")
         return settings_id
 
-    def _classes_table(self, name: str, **options) -> pd.DataFrame:
-        """A table the reducer wrote, as pandas."""
+    def _classes_table(self, name: str, command: str = "reduce", **options) -> pd.DataFrame:
+        """A table the reducer (or ``command``) wrote, as pandas."""
         if not self.store.is_file(CLASSES, name):
             raise FileNotFoundError(f"{self.store.classes_path(name)} is missing; "
-                                    f"run `lrpscale reduce {self.store.location}` first")
+                                    f"run `lrpscale {command} {self.store.location}` first")
         return self.store.read_parquet(f"{CLASSES}/{name}", **options).to_pandas()
 
 

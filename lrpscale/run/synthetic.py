@@ -3,7 +3,8 @@ run of 1.28M images costs on disk, in the reducer and in an auditor's queries wi
 
 Each image gets what a real VGG16 224x224 analysis at ``AnalysisConfig`` defaults gives it:
 24 + k* neurons (four per path layer, k* at conv5_3), 8 scores (4 k x 2 variants at conv5_3),
-68 + 8 min(k*, 4) critical-path edges and one deconvolution (3x32x32), a 56x56 heatmap.
+68 + 8 min(k*, 4) critical-path edges and one deconvolution (3x32x32), a 56x56 heatmap and the
+512 channel relevances of conv5_3.
 ``row_counts`` is that rule; tests check it against a real ``Analyzer``. Values are shaped like
 real ones where it matters for compression and for the reducer: heatmaps and reconstructions
 are smooth blobs with some texture (not white noise), each class prefers its own neurons (so
@@ -169,6 +170,8 @@ def shard_result(listing: pa.Table, shard: int, label_index: np.ndarray, wnids: 
         keys = preferences[index][label_index] + rng.gumbel(size=(n, width)).astype(np.float32)
         top = np.argpartition(-keys, take - 1, axis=1)[:, :take]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(keys, top, 1), axis=1), 1)
+        if layer == SWEPT:
+            swept_keys = keys
         count = k_star if layer == SWEPT else np.full(n, p)
         rank = np.arange(take)[None, :].repeat(n, 0)
         chosen.append(top)
@@ -250,6 +253,7 @@ def shard_result(listing: pa.Table, shard: int, label_index: np.ndarray, wnids: 
         tables._DECONV)
 
     faithfulness = _perturbation_curves(rng, listing.column("image_id").to_pylist(), logit, prob, config)
+    channel_lists = _channel_relevance(rng, swept_keys, k_max)
 
     heat_lists = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * heat.shape[1]),
                                           pa.array(heat.ravel()))
@@ -261,12 +265,29 @@ def shard_result(listing: pa.Table, shard: int, label_index: np.ndarray, wnids: 
         "prob": pa.array(prob), "rel_total": pa.array(rel_total), "rel_pos": pa.array(rel_pos),
         "rel_neg": pa.array(rel_neg), "conservation_error": pa.array(conservation),
         "heatmap_scale": pa.array(heat_scale.astype(np.float32)), "shard": pa.array(np.full(n, shard, np.int32)),
-        "heatmap": heat_lists, "neurons": neurons, "scores": scores, "edges": edges, "deconv": deconv,
+        "heatmap": heat_lists, "channel_relevance": channel_lists, "neurons": neurons, "scores": scores, "edges": edges,
+        "deconv": deconv,
         "faithfulness": faithfulness, "error_stage": pa.nulls(n, pa.string()), "error_type": pa.nulls(n, pa.string()),
         "error_message": pa.nulls(n, pa.string()),
     }
     # fields this generator does not know (provenance added to RESULT later) stay null
     return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in tables.RESULT}, schema=tables.RESULT)
+
+
+def _channel_relevance(rng: np.random.Generator, keys: np.ndarray, ranked: int) -> pa.Array:
+    """The ``channel_relevance`` list column from the swept layer's selection keys (n, C): the
+    magnitude exp(key) is heavy-tailed and largest for the selected neurons (as the top-ranked
+    channels of a real analysis are), a fifth of the channels after the first ``ranked`` negative;
+    divided by the sum of |values| and stored as float16, as ``tables.result_row`` stores a real
+    record's."""
+    n, width = keys.shape
+    magnitude = np.exp(keys - keys.max(1, keepdims=True))
+    rank = np.argsort(np.argsort(-keys, axis=1), axis=1)
+    negative = (rank >= ranked) & (rng.random((n, width)) < 0.2)
+    values = np.where(negative, -magnitude, magnitude)
+    values /= np.abs(values).sum(1, keepdims=True)
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width),
+                                    pa.array(values.astype(np.float16).ravel()))
 
 
 # how fast the target logit falls per unit of the image removed, by order: what a faithful heatmap gives

@@ -43,6 +43,9 @@ _IMAGE_FIELDS = [
 RESULT = pa.schema(_IMAGE_FIELDS + [
     ("shard", pa.int32()), ("node_id", pa.string()),
     ("heatmap", pa.list_(pa.float16())),
+    # the first swept layer's relevance per channel over its sum of |values| (SpRAy's channel
+    # features); null in rows written by a generator that does not know it
+    ("channel_relevance", pa.list_(pa.float16())),
     ("neurons", pa.list_(_NEURON)),
     ("scores", pa.list_(_SCORE)),
     ("edges", pa.list_(_EDGE)),
@@ -56,9 +59,13 @@ def picture_type(shape: Iterable[int], value_type: pa.DataType = pa.float16()) -
     return pa.fixed_shape_tensor(value_type, list(shape))
 
 
-def images_schema(heatmap_side: int) -> pa.Schema:
-    return pa.schema(_IMAGE_FIELDS + [("heatmap", picture_type([heatmap_side, heatmap_side])),
-                                      ("model_id", pa.string()), ("run_id", pa.string())])
+def images_schema(heatmap_side: int, channels: int | None = None) -> pa.Schema:
+    """The images table; with ``channels`` it holds the ``channel_relevance`` (C,) column, which a
+    shard whose rows carry none leaves out."""
+    pictures = [("heatmap", picture_type([heatmap_side, heatmap_side]))]
+    if channels is not None:
+        pictures.append(("channel_relevance", picture_type([channels])))
+    return pa.schema(_IMAGE_FIELDS + pictures + [("model_id", pa.string()), ("run_id", pa.string())])
 
 
 def _flat_schema(item: pa.StructType, extra=()) -> pa.Schema:
@@ -103,10 +110,12 @@ def scaled_float16(picture: np.ndarray) -> tuple[np.ndarray, float]:
 
 def result_row(record: dict, pred_label: str) -> dict:
     """The one row builder: an analysed image's record (``BatchAnalysis.records()``: numbers,
-    lists of neuron/score/edge dicts, ``heatmap`` (s, s) and ``deconv`` items with a
-    (3, d, d) ``reconstruction``, as numpy) -> the analysis fields of a ``RESULT`` row. Pictures
-    are stored as float16 scaled to max |value| 1, with their scale."""
+    lists of neuron/score/edge dicts, ``heatmap`` (s, s), ``channel_relevance`` (C,) or None
+    and ``deconv`` items with a (3, d, d) ``reconstruction``, as numpy) -> the analysis fields
+    of a ``RESULT`` row. Pictures are stored as float16 scaled to max |value| 1, with their
+    scale; the channel relevance, already divided by its sum of |values|, as float16."""
     heatmap, scale = scaled_float16(record["heatmap"])
+    channels = record.get("channel_relevance")
     deconv = []
     for item in record["deconv"]:
         picture, picture_scale = scaled_float16(item["reconstruction"])
@@ -114,7 +123,8 @@ def result_row(record: dict, pred_label: str) -> dict:
                        "reconstruction": picture})
     return {**{key: record[key] for key in ("pred", "target", "logit", "prob", "rel_total", "rel_pos", "rel_neg",
                                             "conservation_error", "neurons", "scores", "edges", "faithfulness")},
-            "pred_label": pred_label, "heatmap": heatmap, "heatmap_scale": scale, "deconv": deconv}
+            "pred_label": pred_label, "heatmap": heatmap, "heatmap_scale": scale, "deconv": deconv,
+            "channel_relevance": None if channels is None else np.asarray(channels, np.float32).astype(np.float16)}
 
 
 def tensor_column(values: list[np.ndarray], shape: list[int], value_type: pa.DataType = pa.float16()) -> pa.Array:
@@ -131,6 +141,25 @@ def _fixed_tensor(lists: pa.Array, shape: list[int]) -> pa.Array:
     values = pc.list_flatten(lists)
     storage = pa.FixedSizeListArray.from_arrays(values.cast(pa.float16()), int(np.prod(shape)))
     return pa.ExtensionArray.from_storage(picture_type(shape), storage)
+
+
+def _channel_tensor(lists: pa.Array) -> pa.Array | None:
+    """The list<float16> channel relevances of a shard's analysed rows -> a fixed_shape_tensor [C]
+    column (C from the data, null rows kept null), or None when no row has one."""
+    lengths = pc.list_value_length(lists)
+    present = lengths.drop_null()
+    if len(present) == 0:
+        return None
+    channels = pc.min_max(present).as_py()
+    if channels["min"] != channels["max"]:
+        raise ValueError(f"channel relevances of {channels['min']} and {channels['max']} channels in one shard: "
+                         "every image of a run is analysed at the same swept layer")
+    size = channels["min"]
+    # a null row contributes no values: fill it with zeros of the right length, then mark it null
+    filled = pc.if_else(lists.is_valid(), lists, pa.scalar([0.0] * size, lists.type))
+    storage = pa.FixedSizeListArray.from_arrays(pc.list_flatten(filled).cast(pa.float16()), size,
+                                                mask=pc.invert(lists.is_valid()))
+    return pa.ExtensionArray.from_storage(picture_type([size]), storage)
 
 
 def _explode(rows: pa.Table, column: str) -> tuple[pa.Table, pa.StructArray]:
@@ -157,9 +186,13 @@ def split_result(result: pa.Table, heatmap_side: int, deconv_side: int, deconv_m
     bad = result.filter(failed)
     image_columns = {name: ok.column(name) for name, _ in _IMAGE_FIELDS}
     image_columns["heatmap"] = _fixed_tensor(ok.column("heatmap").combine_chunks(), [heatmap_side, heatmap_side])
+    channels = _channel_tensor(ok.column("channel_relevance").combine_chunks())
+    if channels is not None:
+        image_columns["channel_relevance"] = channels
     image_columns["model_id"] = pa.array([model_id] * ok.num_rows, pa.string())
     image_columns["run_id"] = pa.array([run_id] * ok.num_rows, pa.string())
-    tables = {"images": pa.table(image_columns, schema=images_schema(heatmap_side)),
+    schema = images_schema(heatmap_side, None if channels is None else channels.type.shape[0])
+    tables = {"images": pa.table(image_columns, schema=schema),
               "neurons": _flat_table(ok, "neurons", NEURONS),
               "scores": _flat_table(ok, "scores", SCORES),
               "edges": _flat_table(ok, "edges", EDGES)}

@@ -636,7 +636,8 @@ def test_deconvolution_refuses_linear_layers_and_unknown_modes(small_vgg11):
 # 5. The Analyzer ---------------------------------------------------------------------------------
 
 RECORD_KEYS = {"pred", "target", "logit", "prob", "rel_total", "rel_pos", "rel_neg", "conservation_error",
-               "heatmap", "layer_totals", "neurons", "scores", "edges", "deconv", "faithfulness"}
+               "heatmap", "layer_totals", "neurons", "scores", "edges", "deconv", "faithfulness",
+               "channel_relevance"}
 
 
 @pytest.fixture(scope="module")

@@ -45,12 +45,14 @@ def curve(order: str, logits, fraction: float = 0.5) -> list[dict]:
 
 
 def record(pred: int, heatmap, target: int | None = None, neurons=(), edges=(), scores=(), deconv=(),
-           logit: float = 2.0, prob: float = 0.5, faithfulness=()) -> dict:
-    """One image's analysis record, with the keys and types of ``BatchAnalysis.records()``."""
+           logit: float = 2.0, prob: float = 0.5, faithfulness=(), channel_relevance=None) -> dict:
+    """One image's analysis record, with the keys and types of ``BatchAnalysis.records()``;
+    ``channel_relevance`` (C,) is stored as given (None: the shard's images table has no such column)."""
     heatmap = np.asarray(heatmap, np.float32)
     return {"pred": pred, "target": pred if target is None else target, "logit": logit, "prob": prob,
             "rel_total": float(heatmap.sum()), "rel_pos": float(heatmap.clip(min=0).sum()),
             "rel_neg": float(heatmap.clip(max=0).sum()), "conservation_error": 0.0, "heatmap": heatmap,
+            "channel_relevance": None if channel_relevance is None else np.asarray(channel_relevance, np.float32),
             "layer_totals": {"input": float(heatmap.sum())}, "neurons": list(neurons), "scores": list(scores),
             "edges": list(edges), "deconv": list(deconv), "faithfulness": list(faithfulness)}
 

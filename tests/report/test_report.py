@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +23,7 @@ from tests.helpers.demo_runs import DEMO_RUN_BAD
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SECTIONS = ("summary", "classes", "trust", "worst", "errors")
+SECTIONS = ("strategies", "summary", "classes", "trust", "worst", "errors")
 
 
 class _Page(HTMLParser):
@@ -94,11 +94,13 @@ def test_trust_section_shows_the_audits_curves_and_the_aopc_per_class(report, de
     assert perturbed > 0 and f"{perturbed} perturbed images" in trust
     assert 'alt="mean drop of the target logit against the fraction removed, per order"' in trust
     classes = run.class_heatmaps[(run.class_heatmaps["by"] == "label") & (run.class_heatmaps["faithfulness_images"] > 0)]
-    table = pd.read_html(io.StringIO(trust.split("AOPC per class")[1]))[0]
-    assert sorted(table["class"].astype(str)) == sorted(classes["class"])
-    expected = classes.set_index("class")["aopc_morf"]
-    for row in table.itertuples():
-        assert row.aopc_morf == pytest.approx(expected[str(row._1)], rel=1e-2)
+    cells = re.findall(r"<tr><td>([^<]*)</td><td class=num>(\d+)</td><td class=num>([^<]*)</td>",
+                       trust.split("AOPC per class")[1])
+    assert sorted(cls for cls, _, _ in cells) == sorted(classes["class"])
+    expected = classes.set_index("class")
+    for cls, images, morf in cells:
+        assert int(images) == expected.loc[cls, "faithfulness_images"]
+        assert float(morf) == pytest.approx(expected.loc[cls, "aopc_morf"], rel=1e-2)
     assert "lrpscale evaluate" in trust  # no evaluation yet: the section says how to get one
 
 
@@ -115,6 +117,42 @@ def test_trust_section_shows_an_evaluation_with_its_cascade(demo_runs, tmp_path)
     assert 'alt="randomisation cascade per method"' in trust
     for method in ("epsilon-plus-flat", "gradient", "gradient_x_input"):
         assert f"<td>{method}</td>" in trust
+
+
+def test_strategies_section_comes_first_with_the_classes_in_rank_order(demo_runs, tmp_path):
+    """Without strategies the section says which command makes them; with them it lists the classes
+    by label in rank order (cut to --rows) and a card for the first --gallery of them: the eigenvalue
+    and t-SNE picture, and per cluster its prototype, members and distinguishing neurons."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_runs["run"], run)
+    assert cli.main(["report", str(run), "--output", str(tmp_path / "before")]) == 0
+    assert "lrpscale strategies RUN" in _section((tmp_path / "before" / "report.html").read_text(), "strategies")
+    assert cli.main(["strategies", str(run)]) == 0
+    assert cli.main(["report", str(run), "--output", str(tmp_path / "after"), "--gallery", "3", "--rows", "4"]) == 0
+    text = (tmp_path / "after" / "report.html").read_text()
+    assert re.findall(r'<section id="([^"]+)"', text)[0] == "strategies"
+    section = _section(text, "strategies")
+    opened = open_run(run)
+    classes = opened.strategy_classes[opened.strategy_classes["grouping"] == "label"].sort_values("rank")
+    listed = re.findall(r"<tr><td class=num>(\d+)</td><td>([^<]+)</td>", section)
+    assert listed == [(str(rank), name) for rank, name in zip(classes["rank"].head(4), classes["class_name"].head(4))]
+    assert f"The first 4 of {len(classes)} classes" in section and f"first 3 of {len(classes)} classes" in section
+    cards = re.findall(r'<article class=card id="strategies-([^"]+)">(.*?)</article>', section, re.S)
+    assert [cls for cls, _ in cards] == classes["class"].head(3).tolist()
+    members = opened.strategies[opened.strategies["grouping"] == "label"].set_index("image_id")["cluster"]
+    clusters = opened.strategy_clusters[opened.strategy_clusters["grouping"] == "label"]
+    for (cls, card), expected in zip(cards, classes.head(3).itertuples()):
+        assert f'alt="eigenvalues and t-SNE layout of class {cls}"' in card
+        mine = clusters[clusters["class"] == cls].sort_values("cluster")
+        blocks = card.split("<div class=cluster ")[1:]
+        assert len(blocks) == expected.clusters == len(mine)
+        for block, cluster in zip(blocks, mine.itertuples()):
+            assert f'alt="prototype of cluster {cluster.cluster} of class {cls}"' in block
+            assert f"{cluster.images} images" in block
+            shown = re.findall(r'<figure class=member title="([^,"]+), predicted', block)
+            assert 1 <= len(shown) <= 4 and all(members[i] == cluster.cluster for i in shown)
+            for neuron in cluster.distinguishing_neurons:
+                assert f"#{neuron['neuron']}: " in block
 
 
 def test_report_defaults_to_the_run_directory_and_reduces_first(demo_runs, tmp_path, capsys):

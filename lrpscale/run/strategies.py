@@ -1,0 +1,111 @@
+"""SpRAy over a run on Ray: one task per (grouping, class), so the classes of a large run are
+clustered in parallel across a cluster; the driver gathers the small per-class tables and writes
+them under ``RUN/classes/`` (docs/method.md §18, "In a run").
+
+    summary = run_strategies("runs/audit")              # features from the stored heatmaps
+    summary = run_strategies("runs/audit", features="channels", cap=5000)
+
+Each task reads only its class's rows (column projection and a filter, from the shards the class
+lies in) and returns its images' clusters and positions, one summary row and its clusters' rows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from lrpscale.results.run import Run
+from lrpscale.results.strategies import (
+    StrategySettings,
+    analyse_strategy_class,
+    class_index,
+    class_names,
+    has_channel_relevance,
+    strategy_tables,
+    write_strategies,
+)
+from lrpscale.run.session import ensure_ray
+from lrpscale.storage.store import CLASSES, RunStore
+
+log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 5.0  # a progress line at most this often, and one at the end
+
+
+@dataclass
+class StrategiesSummary:
+    """What ``run_strategies`` did: the classes table (one row per grouping and class, in rank
+    order), where the tables went, and how long it took."""
+
+    classes: pd.DataFrame
+    location: Path | str
+    seconds: float
+    settings: StrategySettings
+
+    def text(self, rows: int = 5) -> str:
+        """A few lines for the command line: per grouping the classes, how many split, and the
+        ``rows`` classes to look at first."""
+        lines = []
+        for grouping, what in (("label", "by label"), ("pred", "by prediction")):
+            mine = self.classes[self.classes["grouping"] == grouping].sort_values("rank")
+            if mine.empty:
+                continue
+            several = int((mine["clusters"] > 1).sum())
+            first = ", ".join(f"{name} ({connectivity:.3g}, {clusters} clusters)" for name, connectivity, clusters
+                              in zip(mine["class_name"].head(rows), mine["connectivity"].head(rows),
+                                     mine["clusters"].head(rows)))
+            lines.append(f"{what}: {len(mine)} classes, {several} with more than one strategy; look here first "
+                         f"(lowest connectivity): {first}")
+        return "\n".join(lines) + "\n"
+
+
+def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: int = 20000, seed: int = 0,
+                   address: str | None = None, k: int = 10, n_eigval: int = 32, max_clusters: int = 10,
+                   top_neurons: int = 5) -> StrategiesSummary:
+    """SpRAy of every class of a run, by label and by prediction, as one Ray task per class (Ray is
+    joined at ``address`` / RAY_ADDRESS or started locally when not running yet); writes
+    ``classes/strategies.parquet``, ``strategy_classes.parquet``, ``strategy_clusters.parquet``
+    and ``strategies.json``. Settings as in ``StrategySettings``, checked before Ray starts.
+    Raises ValueError for a run without analysed images, or without channel relevance when
+    ``features="channels"``."""
+    import ray
+
+    settings = StrategySettings(features=features, k=k, n_eigval=n_eigval, max_clusters=max_clusters, seed=seed,
+                                cap=cap, top_neurons=top_neurons)
+    store = run if isinstance(run, RunStore) else RunStore(run)
+    Run(store)  # a folder without run.json is named as such
+    started = time.time()
+    index = class_index(store)
+    if features == "channels" and not has_channel_relevance(store):
+        raise ValueError(f"{store.location} stores no channel relevance (analysed before lrpscale stored it): "
+                         "use --features heatmap, or analyse the images again")
+    ensure_ray(address)
+    # workers may start in another folder: a local run goes to them by its absolute path
+    location = os.fspath(store.local_path() or store.location)
+    task = ray.remote(num_cpus=1)(analyse_strategy_class)
+    pending = {task.remote(location, grouping, cls, settings, shards): (grouping, cls)
+               for grouping, cls, shards in zip(index["grouping"], index["class"], index["shards"])}
+    total, parts, shown = len(pending), [], time.time()
+    log.info("strategies: %d classes (%d by label, %d by prediction) as Ray tasks, %s features", total,
+             int((index["grouping"] == "label").sum()), int((index["grouping"] == "pred").sum()), features)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
+            for ref in done:
+                pending.pop(ref)
+                parts.append(ray.get(ref))
+            if not pending or time.time() - shown >= PROGRESS_SECONDS:
+                log.info("strategies: %d/%d classes done, %.0f s", len(parts), total, time.time() - started)
+                shown = time.time()
+    finally:  # a failed class (or Ctrl-C) leaves no tasks running for nothing
+        for ref in pending:
+            ray.cancel(ref)
+    tables = strategy_tables(parts, class_names(index))
+    seconds = time.time() - started
+    write_strategies(store, tables, settings, seconds)
+    local = store.local_path()
+    return StrategiesSummary(tables["strategy_classes"].to_pandas(), local / CLASSES if local else store.classes_path(),
+                             seconds, settings)
