@@ -1,7 +1,7 @@
 """What the Ray pipeline costs over a bare in-process loop, and what it writes.
 
 Measures, in one invocation:
-  1. img/s of the same images and engine through ``run_audit`` (Ray Data, actor pool, Parquet
+  1. img/s of the same images and engine through ``run_audit`` (decode tasks, actor pool writing shards, Parquet
      commits) and through a bare loop (list -> load_batch -> AnalyzerActor in this process);
   2. peak memory (driver RSS and the summed RSS of every process of the run, sampled) at N and
      10N images, each in a fresh subprocess;
@@ -185,7 +185,7 @@ def main() -> None:
     print(f"bare loop      {bare['images']:6d} images  {bare['img_per_s']:7.1f} img/s")
     print(f"ray pipeline   {large['images']:6d} images  {large['steady_img_per_s']:7.1f} img/s once running  "
           f"ratio {ratio:.2f}x  [{'PASS' if ratio >= 0.8 else 'FAIL'} >= 0.8x]")
-    print(f"               {large['img_per_s']:7.1f} img/s including {large['warmup_seconds']:.1f} s of Ray Data "
+    print(f"               {large['img_per_s']:7.1f} img/s including {large['warmup_seconds']:.1f} s of Ray "
           f"start-up and actor load ({large['img_per_s'] / bare['img_per_s']:.2f}x)")
     print(f"peak memory    N={small['images']}: {small['tree_peak_rss_mb']:.0f} MB (driver {small['driver_peak_rss_mb']:.0f})"
           f"  10N={large['images']}: {large['tree_peak_rss_mb']:.0f} MB (driver {large['driver_peak_rss_mb']:.0f})"

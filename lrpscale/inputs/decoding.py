@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from lrpscale.config import DEFAULT_MAX_PIXELS
@@ -91,7 +92,7 @@ def _without_bytes(text: str) -> str:
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, *,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Read and decode a batch of listing rows (a numpy batch as Ray Data hands it) into
+    """Read and decode a batch of listing rows (numpy columns) into
     (3, S, S) uint8 pictures, not yet normalised (``preprocess.normalise``).
 
     Returns every input row, in order: the locator columns are dropped, every other column
@@ -119,6 +120,13 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, *,
     for name, field in zip(ERROR_FIELDS, ("stage", "error_type", "message")):
         out[name] = np.array([getattr(error, field) if error else None for error in errors], dtype=object)
     return out
+
+
+def decode_rows(rows: pa.Table, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """Listing rows as an Arrow table (a shard of a run) -> ``decode_batch``'s numpy columns. The
+    audit runs it as a Ray task; it lives here, away from torch, so a decode worker never loads torch."""
+    columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
+    return decode_batch(columns, image_size, max_pixels=max_pixels)
 
 
 def load_batch(batch: dict[str, np.ndarray], image_size: int, mean: Sequence[float], std: Sequence[float],

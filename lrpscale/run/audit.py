@@ -180,7 +180,7 @@ def _analyse_shards(store: RunStore, listing: pa.Table, pending: list[int], expe
     actors = [actor_class.remote(config.model, config.weights, config.analysis.to_dict(), tf32=config.tf32,
                                  output=store.location, run_id=run_id, image_size=config.image_size,
                                  batch_size=config.batch_size) for _ in range(num_actors)]
-    decode = ray.remote(num_cpus=1)(decode_shard)
+    decode = ray.remote(num_cpus=1)(decoding.decode_rows)
     # the listing is in shard order (shards are consecutive runs of rows); each shard a zero-copy slice
     shard_ids = listing.column("shard").to_numpy()
     order = np.argsort(shard_ids, kind="stable")
@@ -274,12 +274,6 @@ class _ActorPool:
             raise RuntimeError(f"every analyser actor died, the last: {error}") from error
         log.warning("an analyser actor died and will not come back (%s); going on with %d",
                     str(error).splitlines()[0], len(self.load) - len(self.gone))
-
-
-def decode_shard(rows: pa.Table, image_size: int, max_pixels: int | None) -> dict[str, np.ndarray]:
-    """A shard's listing rows -> ``decoding.decode_batch``'s numpy columns (uint8 pixels); a Ray task."""
-    columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    return decoding.decode_batch(columns, image_size, max_pixels=max_pixels)
 
 
 def _input_location(spec: str) -> str:
