@@ -26,6 +26,7 @@ from lrpscale.graph import class_label
 from lrpscale.inputs.decoding import decode
 from lrpscale.inputs.errors import InputError
 from lrpscale.inputs.preprocess import preprocess
+from lrpscale.locations import fetched
 
 
 class ExplainError(ValueError):
@@ -101,7 +102,7 @@ def _message(error: BaseException) -> str:
 
 
 def _load_model(name: str, weights: str | None):
-    return load_model(name, None if weights in (None, "random", "none") else weights)
+    return load_model(name, None if weights in (None, "random", "none") else fetched(weights))
 
 
 def _num_classes(model) -> int:

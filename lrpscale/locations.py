@@ -84,6 +84,57 @@ def split(location: str) -> tuple[str, str]:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, folder, parts.query, "")), urllib.parse.unquote(name)
 
 
+def name_of(location: str | os.PathLike) -> str:
+    """The last part of a location: a URI's decoded object name, a local path's folder name
+    (resolved, so "." names the current folder)."""
+    from pathlib import Path
+
+    return split(os.fspath(location))[1] if is_uri(location) else Path(location).resolve().name
+
+
+def child(location: str | os.PathLike, name: str) -> str | os.PathLike:
+    """A location below another: a ``Path`` for a local one (callers join onto it), a URI for a
+    URI (``join``)."""
+    from pathlib import Path
+
+    return join(os.fspath(location), name) if is_uri(location) else Path(location) / name
+
+
+def local_copy(location: str, cache: str | os.PathLike | None = None) -> str:
+    """A local file with the content of ``location``: the path itself when it is local, else a copy
+    in ``cache`` (default ``~/.cache/lrpscale/files``) named by a hash of the URI and the object's
+    size and modification time, downloaded once per node (a model's weights on a bucket)."""
+    import hashlib
+
+    path = local_path(location)
+    if path is not None:
+        return path
+    filesystem, inner = resolve(location)
+    try:
+        info = filesystem.get_file_info(inner)
+    except OSError as error:
+        raise storage_error(location, error) from None
+    if info.type != pafs.FileType.File:
+        raise missing_error(location, filesystem, inner) if info.type == pafs.FileType.NotFound else \
+            ValueError(f"{location} is not a file")
+    folder = os.path.expanduser(os.fspath(cache or os.path.join("~", ".cache", "lrpscale", "files")))
+    key = hashlib.sha256(f"{location}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
+    target = os.path.join(folder, f"{key}-{posixpath.basename(inner)}")
+    if not os.path.isfile(target):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{target}.{os.getpid()}.part"  # several actors of one node may fetch at once
+        with filesystem.open_input_stream(inner) as source, open(partial, "wb") as out:
+            while chunk := source.read(1 << 22):
+                out.write(chunk)
+        os.replace(partial, target)
+    return target
+
+
+def fetched(location: str | os.PathLike | None) -> str | os.PathLike | None:
+    """None, a name or a local path as given; a URI (``s3://.../weights.pth``) as its ``local_copy``."""
+    return local_copy(os.fspath(location)) if location is not None and is_uri(location) else location
+
+
 def environment_hint(location: str) -> str:
     """Where the store of a URI reads its credentials and endpoint from, in words."""
     scheme = urllib.parse.urlsplit(location).scheme.lower()

@@ -18,14 +18,14 @@ import html
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
 from lrpscale import __version__
+from lrpscale.locations import resolve
 from lrpscale.report.figures import layer_order
 from lrpscale.results import Run
 from lrpscale.results.class_counts import class_order
@@ -43,6 +43,8 @@ INPUT_PIXELS = 128  # largest side of an input thumbnail's PNG
 MAX_INPUT_BYTES = 32 * 1024 ** 2  # larger input files get no thumbnail
 FIGURE_DPI = 100
 STRATEGY_MEMBERS = 4  # member thumbnails per cluster in the Strategies section
+REFERENCE_TILES = 4  # reference crops per distinguishing neuron and scope (class, run) there
+REFERENCE_PIXELS = 40  # their displayed height
 MEMBER_PIXELS = 64  # their displayed side, and the largest side of their input's PNG
 
 
@@ -122,7 +124,10 @@ def _strategies_section(run: Run, labels: dict[str, str], count: int, rows: int)
              "a sample). In each card: the eigenvalues, the red arrow at the gap that set the number of clusters "
              "(looked for up to the dotted line); the t-SNE layout of the class's images, one colour per cluster; per "
              "cluster, framed in its colour, the prototype (the mean of its normalised heatmaps), the members closest "
-             "to it (input and heatmap) and the neurons selected far more or less often in it than in the rest of the class.")
+             "to it (input and heatmap) and the neurons selected far more or less often in it than in the rest of the class, "
+             "each with its reference images in the class and in the run: the images where the neuron holds the most "
+             "relevance, cropped to where its conditional heatmap (only its relevance sent down) lies, the heatmap over "
+             "the crop.")
     shares = run.store.read_parquet(f"{CLASSES}/{STRATEGY_FILES['strategy_clusters']}", columns=["class", "share"],
                                     filters=[("grouping", "==", "label")]).to_pandas().groupby("class")["share"].max()
     table = classes.head(rows).assign(largest=[float(shares.get(cls, np.nan)) for cls in classes["class"].head(rows)])
@@ -155,7 +160,7 @@ def _strategy_card(run: Run, labels: dict[str, str], row, strategy_figures) -> s
                        (ds.field("label") == cls) & ds.field("image_id").isin(members["image_id"].tolist()))
     images = images.merge(members[["image_id", "cluster"]], on="image_id").sort_values("image_id", ignore_index=True)
     side = int(run.info.get("config", {}).get("image_size") or INPUT_PIXELS)
-    parts = []
+    parts, pictured = [], set()
     for cluster in clusters.sort_values("cluster").itertuples():
         prototype = square_picture(cluster.prototype)
         mine = images[images["cluster"] == cluster.cluster]
@@ -167,10 +172,14 @@ def _strategy_card(run: Run, labels: dict[str, str], row, strategy_figures) -> s
             title = f"{member.image_id}, predicted {member.pred_label}"
             tiles.append(f'<figure class=member title="{html.escape(title)}"><div class=row>{"".join(shown)}</div>'
                          f"<figcaption>{html.escape(_shorten(member.image_id, 28))}</figcaption></figure>")
-        neurons = [f"<li>{html.escape(labels.get(n['layer'], n['layer']))} #{int(n['neuron'])}: "
-                   f"{percent(n['frequency_inside'])} of the cluster, {percent(n['frequency_outside'])} of the rest"
-                   f"{neuron_references_html(run, n['layer'], int(n['neuron']))}</li>"
-                   for n in cluster.distinguishing_neurons]
+        neurons = []
+        for n in cluster.distinguishing_neurons:
+            key = (n["layer"], int(n["neuron"]))  # a neuron that tells clusters apart is often listed in each
+            references = neuron_references_html(run, *key, cls) if key not in pictured else " (references above)"
+            pictured.add(key)
+            neurons.append(f"<li>{html.escape(labels.get(n['layer'], n['layer']))} #{int(n['neuron'])}: "
+                           f"{percent(n['frequency_inside'])} of the cluster, {percent(n['frequency_outside'])} of the rest"
+                           f"{references}</li>")
         listed = (f"<p>distinguishing neurons (how often selected):</p><ul>{''.join(neurons)}</ul>" if neurons else
                   "<p class=note>no distinguishing neurons (one cluster, or equal shares)</p>")
         colour = strategy_figures.cluster_colour(cluster.cluster)
@@ -197,10 +206,39 @@ def _closest(members: pd.DataFrame, prototype: np.ndarray) -> pd.DataFrame:
     return members.iloc[order]
 
 
-def neuron_references_html(run: Run, layer: str, neuron: int) -> str:
-    """Hook for the reference crops of a neuron (issue 13, point 3: the image regions that excite it
-    most), shown after each distinguishing neuron of the Strategies section; empty until they exist."""
-    return ""
+def neuron_references_html(run: Run, layer: str, neuron: int, cls: str | None = None) -> str:
+    """The reference images of a neuron (docs/method.md §18, "Reference images"), shown after each
+    distinguishing neuron of the Strategies section: its first ``REFERENCE_TILES`` in class ``cls``
+    (by label) and in the whole run, each the crop of the input with the neuron's conditional
+    heatmap over it; empty when the run has none (``lrpscale strategies --no-references``)."""
+    from lrpscale.report.figures import heatmap_rgb
+    from lrpscale.results.references import crop_pictures, read_references
+
+    rows = read_references(run.store, layer, neuron)
+    rows = rows[rows["crop"].notna()]
+    scopes = [("run", rows[rows["scope"] == "run"])]
+    if cls is not None:
+        mine = rows[(rows["scope"] == "class") & (rows["grouping"] == "label") & (rows["class"] == cls)]
+        scopes.insert(0, ("class", mine))
+    parts = []
+    for scope, chosen in scopes:
+        tiles = []
+        for image_id, rank, score, measure, crop in zip(*(chosen.sort_values("rank").head(REFERENCE_TILES)[name]
+                                                           for name in ("image_id", "rank", "score", "measure", "crop"))):
+            picture, heatmap = crop_pictures(crop)
+            rgb = (heatmap_rgb(heatmap, image=picture) * 255 + 0.5).astype(np.uint8)
+            width = max(1, round(REFERENCE_PIXELS * rgb.shape[1] / rgb.shape[0]))
+            if rgb.shape[0] > REFERENCE_PIXELS:  # the PNG no larger than shown: a page of many cards stays small
+                from PIL import Image
+
+                rgb = np.asarray(Image.fromarray(rgb).resize((width, REFERENCE_PIXELS), Image.BOX))
+            where = "in the class" if scope == "class" else "in the run"
+            title = f"{image_id}: #{int(rank) + 1} {where}, score {score:.3g} ({measure})"
+            tiles.append(f'<img class=map width={width} height={REFERENCE_PIXELS} title="{html.escape(title)}" '
+                         f'alt="{html.escape(f"reference {image_id} of {layer} #{neuron}")}" src="{_png_uri(_png(rgb))}">')
+        if tiles:
+            parts.append(f"<span>{'class' if scope == 'class' else 'run'}: {''.join(tiles)}</span>")
+    return f"<div class=references>{''.join(parts)}</div>" if parts else ""
 
 
 def _summary_section(run: Run, rows: int) -> str:
@@ -522,21 +560,21 @@ def _image_html(picture: np.ndarray, alt: str, pixels: int = HEATMAP_PIXELS) -> 
 
 def _input_picture(uri: str | None, side: int) -> np.ndarray | None:
     """The input behind ``uri`` as the model saw it (shorter side resized, centre crop), (side, side, 3)
-    in [0, 1]; None unless the uri is a readable local image file."""
+    in [0, 1]; None unless the uri is a readable image file, local or on a store (a Parquet row or
+    tar member, ``...#key``, is not opened)."""
     from lrpscale.inputs.decoding import decode
     from lrpscale.inputs.errors import InputError
     from lrpscale.inputs.preprocess import preprocess
 
-    if not uri:
+    if not uri or "#" in uri:
         return None
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        return None
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
     try:
-        if not path.is_file() or path.stat().st_size > MAX_INPUT_BYTES:
+        filesystem, path = resolve(uri)
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File or info.size > MAX_INPUT_BYTES:
             return None
-        pixels = preprocess(decode(path.read_bytes()), side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        with filesystem.open_input_stream(path) as stream:
+            pixels = preprocess(decode(stream.read()), side, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     except (OSError, InputError, ValueError):
         return None
     return np.clip(pixels.transpose(1, 2, 0), 0.0, 1.0)
@@ -602,7 +640,7 @@ def _seconds(seconds, rate) -> str | None:
 
 
 def _rows(run: Run, table: str) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in run.files(table))
+    return run.store.committed_rows(table)
 
 
 STYLE = """
@@ -655,4 +693,6 @@ footer { color: #777; font-size: 12px; padding: 12px 24px; }
 .cluster ul { margin: 2px 0; padding-left: 18px; font-size: 13px; }
 .members { display: flex; flex-wrap: wrap; gap: 8px; }
 .member figcaption { font-size: 11px; color: #555; }
+.references { margin: 2px 0 6px; }
+.references span { display: inline-flex; gap: 3px; align-items: center; margin-right: 10px; font-size: 11px; color: #555; }
 """

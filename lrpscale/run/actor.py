@@ -6,6 +6,7 @@ where Ray is not installed, as on a bare GPU machine)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ from lrpscale.config import AnalysisConfig
 from lrpscale.engine.analyzer import Analyzer, use_tf32
 from lrpscale.engine.models import input_normalization, load_model
 from lrpscale.inputs.errors import ERROR_FIELDS
+from lrpscale.locations import fetched
 from lrpscale.run.sampling import image_seed, in_sample
 from lrpscale.storage import tables
 from lrpscale.storage.store import RunStore
@@ -57,7 +59,7 @@ class AnalyzerActor:
         # CPU does, so full FP32 is the default and TF32 an opt-in for speed; set before CUDA starts
         use_tf32(tf32)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        net = load_model(model, weights).to(self.device)
+        net = load_model(model, fetched(weights)).to(self.device)
         self.analyzer = Analyzer(net, AnalysisConfig.from_mapping(analysis))
         self.classes = net.lrpscale_classes
         self.num_classes = net.classifier[-1].out_features
@@ -99,6 +101,51 @@ class AnalyzerActor:
                 rows[i].update(record)
         return pa.Table.from_pylist(rows, schema=tables.RESULT)
 
+    def conditional_heatmaps(self, batch: dict[str, np.ndarray], requests: list[tuple[int, str, int]],
+                             crop: Callable | None = None) -> list:
+        """Channel-conditional heatmaps (docs/method.md §6) of decoded images, on this replica.
+
+        batch: a ``decode_batch`` output, with an optional int ``target`` column (the class each
+        row is explained for; the prediction without one). requests: (row of batch, layer,
+        neuron). Per request, in order: the input relevance when only that neuron's relevance
+        goes down from its layer, ``explain(x, restrict={layer: [neuron]})`` summed over colour,
+        (S, S) float32; or ``crop(pixels, heatmap)`` of it (the row's (3, S, S) pixels as the batch
+        holds them, uint8 when decoded), made here so that only what it returns travels; None for
+        a row that did not decode. One forward pass per group of rows and layer; a row's neurons
+        are conditions of that pass, at most ``batch_size`` images x conditions at a time (fewer
+        on a CPU: ``Explainer.cpu_chunk``)."""
+        explainer = self.analyzer.explainer
+        out: list = [None] * len(requests)
+        wanted: dict[str, dict[int, list[tuple[int, int]]]] = {}
+        for position, (row, layer, neuron) in enumerate(requests):
+            if bool(batch["ok"][row]):
+                wanted.setdefault(layer, {}).setdefault(int(row), []).append((position, int(neuron)))
+        targets = batch.get("target")
+        for layer, by_row in wanted.items():
+            rows = sorted(by_row, key=lambda r: (-len(by_row[r]), r))  # similar condition counts share a pass
+            start = 0
+            while start < len(rows):
+                conditions = len(by_row[rows[start]])
+                pixels = self._pixels(batch, rows[start:start + 1])
+                budget = self.batch_size if self.device.type != "cpu" else min(self.batch_size, explainer.cpu_chunk(pixels))
+                chunk = rows[start:start + max(1, budget // conditions)]
+                start += len(chunk)
+                target = None if targets is None else torch.tensor([int(targets[r]) for r in chunk])
+                restrict = [{layer: [[by_row[r][j][1]] if j < len(by_row[r]) else [] for r in chunk]}
+                            for j in range(conditions)]
+                relevance = explainer.explain(self._pixels(batch, chunk), target, restrict, keep_layers=False).relevance
+                maps = relevance.sum(2).float().cpu().numpy()  # (rows, conditions, S, S)
+                for i, r in enumerate(chunk):
+                    for j, (position, _) in enumerate(by_row[r]):
+                        out[position] = maps[i, j] if crop is None else crop(batch["pixels"][r], maps[i, j])
+        return out
+
+    def _pixels(self, batch, rows: list[int]) -> torch.Tensor:
+        """(N, 3, S, S) model input of the given rows: uint8 pixels (as decoded: a quarter of the bytes
+        crossed the object store) normalised here, float32 ones taken as already normalised."""
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows])).to(self.device)
+        return (pixels.float() / 255.0 - self.mean) / self.std if pixels.dtype == torch.uint8 else pixels
+
     def _base_row(self, batch, i: int) -> dict:
         label = _text(batch["label"][i])
         return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "label": label,
@@ -107,9 +154,7 @@ class AnalyzerActor:
                 **{name: _text(batch[name][i]) for name in ERROR_FIELDS}}
 
     def _analyse(self, batch, indices: list[int]) -> list[dict]:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][indices])).to(self.device)
-        if pixels.dtype == torch.uint8:  # as decoded: a quarter of the bytes crossed the object store
-            pixels = (pixels.float() / 255.0 - self.mean) / self.std
+        pixels = self._pixels(batch, indices)
         labels = label_indices([_text(batch["label"][i]) for i in indices], self.classes, self.num_classes)
         perturb = self._perturbation_seeds([str(batch["image_id"][i]) for i in indices])
         try:

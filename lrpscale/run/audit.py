@@ -31,10 +31,10 @@ from lrpscale.engine import faithfulness
 from lrpscale.engine.analyzer import Analyzer
 from lrpscale.engine.models import layer_aliases, load_model
 from lrpscale.inputs import decoding, sources
-from lrpscale.locations import is_uri
+from lrpscale.locations import fetched, is_uri
 from lrpscale.run.actor import AnalyzerActor, label_indices
 from lrpscale.run.progress import Meter, ProgressCallback, log_progress
-from lrpscale.run.session import default_actors, ensure_ray
+from lrpscale.run.session import default_actors, ensure_ray, storage_options
 from lrpscale.storage import tables
 from lrpscale.storage.store import RunStore, new_attempt
 
@@ -93,7 +93,7 @@ def run_audit(config: RunConfig, address: str | None = None, overwrite: bool = F
     report = log_progress() if progress is True else (progress or None)
     store = RunStore(config.output)
     store.check_location(config.input)
-    model = load_model(config.model, config.weights)
+    model = load_model(config.model, fetched(config.weights))
     config = replace(config, image_size=config.image_size or model.lrpscale_image_size)
     try:  # unknown layer names and perturbation settings too coarse for the image fail here, not in every actor
         Analyzer(model, config.analysis)
@@ -176,11 +176,11 @@ def _analyse_shards(store: RunStore, listing: pa.Table, pending: list[int], expe
     num_actors, resources = default_actors(config)
     # an actor whose process dies is restarted by Ray (loading its model again) when a slot is
     # free; meanwhile its shards go to the other actors
-    actor_class = ray.remote(max_restarts=-1, **_ray_options(resources))(AnalyzerActor)
+    actor_class = ray.remote(max_restarts=-1, **_ray_options(resources), **storage_options())(AnalyzerActor)
     actors = [actor_class.remote(config.model, config.weights, config.analysis.to_dict(), tf32=config.tf32,
                                  output=store.location, run_id=run_id, image_size=config.image_size,
                                  batch_size=config.batch_size) for _ in range(num_actors)]
-    decode = ray.remote(num_cpus=1)(decoding.decode_rows)
+    decode = ray.remote(num_cpus=1, **storage_options())(decoding.decode_rows)
     # the listing is in shard order (shards are consecutive runs of rows); each shard a zero-copy slice
     shard_ids = listing.column("shard").to_numpy()
     order = np.argsort(shard_ids, kind="stable")

@@ -66,6 +66,7 @@ from lrpscale.engine import devices, randomisation
 from lrpscale.engine.faithfulness import ORDERS, region_perturbation
 from lrpscale.engine.models import input_normalization, load_model
 from lrpscale.inputs import decoding
+from lrpscale.locations import fetched
 from lrpscale.results.run import EVALUATION_SETTINGS, EVALUATION_SUMMARY, EVALUATION_TABLES, Run
 from lrpscale.run.sampling import image_seed
 from lrpscale.storage.store import EVALUATION, RunStore
@@ -164,7 +165,7 @@ def evaluate_run(run: str | os.PathLike | RunStore | Run, methods: Sequence[str]
     settings_id = settings_id_of(settings)
 
     config = info.get("config") or {}
-    model = load_model(config.get("model", "vgg16"), config.get("weights"))
+    model = load_model(config.get("model", "vgg16"), fetched(config.get("weights")))
     mean, std = input_normalization(model)
     image_size = int(config.get("image_size") or model.lrpscale_image_size)
     images = draw_sample(Run(store), max(sample, cascade_sample, mprt_sample), seed)

@@ -49,6 +49,25 @@ def _loopback_only():
             os.environ[variable] = saved
 
 
+# The standard variables through which stores take credentials and endpoints (docs: README, "Object storage")
+STORAGE_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "HADOOP_HOME", "ARROW_LIBHDFS_DIR",
+)
+
+
+def storage_options() -> dict:
+    """Ray options for tasks and actors that read or write a run or a dataset: the driver's
+    storage environment (``STORAGE_VARIABLES`` that are set) as ``runtime_env`` variables, so
+    workers reach the same store as the driver (an endpoint set on the command line, keys in a
+    shell). Where the nodes have their own credentials (an instance profile, IRSA, Workload
+    Identity) the driver has none of these set and nothing is passed."""
+    variables = {name: os.environ[name] for name in STORAGE_VARIABLES if name in os.environ}
+    return {"runtime_env": {"env_vars": variables}} if variables else {}
+
+
 def default_actors(config: RunConfig) -> tuple[int, dict]:
     import ray
 

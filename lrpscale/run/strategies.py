@@ -4,6 +4,7 @@ them under ``RUN/classes/`` (docs/method.md §18, "In a run").
 
     summary = run_strategies("runs/audit")              # features from the stored heatmaps
     summary = run_strategies("runs/audit", features="channels", cap=5000)
+    summary = run_strategies("runs/audit", references=False)   # without the reference images per neuron
 
 Each task reads only its class's rows (column projection and a filter, from the shards the class
 lies in) and returns its images' clusters and positions, one summary row and its clusters' rows.
@@ -28,7 +29,8 @@ from lrpscale.results.strategies import (
     strategy_tables,
     write_strategies,
 )
-from lrpscale.run.session import ensure_ray
+from lrpscale.run.references import ReferencesSummary, remove_references, run_references
+from lrpscale.run.session import ensure_ray, storage_options
 from lrpscale.storage.store import CLASSES, RunStore
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,13 @@ PROGRESS_SECONDS = 5.0  # a progress line at most this often, and one at the end
 @dataclass
 class StrategiesSummary:
     """What ``run_strategies`` did: the classes table (one row per grouping and class, in rank
-    order), where the tables went, and how long it took."""
+    order), where the tables went, how long it took, and the reference images (None when skipped)."""
 
     classes: pd.DataFrame
     location: Path | str
     seconds: float
     settings: StrategySettings
+    references: ReferencesSummary | None = None
 
     def text(self, rows: int = 5) -> str:
         """A few lines for the command line: per grouping the classes, how many split, and the
@@ -64,11 +67,13 @@ class StrategiesSummary:
 
 def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: int = 20000, seed: int = 0,
                    address: str | None = None, k: int = 10, n_eigval: int = 32, max_clusters: int = 10,
-                   top_neurons: int = 5) -> StrategiesSummary:
+                   top_neurons: int = 5, references: bool = True) -> StrategiesSummary:
     """SpRAy of every class of a run, by label and by prediction, as one Ray task per class (Ray is
     joined at ``address`` / RAY_ADDRESS or started locally when not running yet); writes
     ``classes/strategies.parquet``, ``strategy_classes.parquet``, ``strategy_clusters.parquet``
-    and ``strategies.json``. Settings as in ``StrategySettings``, checked before Ray starts.
+    and ``strategies.json``; then, unless ``references`` is False, the reference images of the
+    clusters' distinguishing neurons (``run_references``: ``references.parquet``; references of
+    earlier strategies are removed either way). Settings as in ``StrategySettings``, checked before Ray starts.
     Raises ValueError for a run without analysed images, or without channel relevance when
     ``features="channels"``."""
     import ray
@@ -85,7 +90,7 @@ def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: i
     ensure_ray(address)
     # workers may start in another folder: a local run goes to them by its absolute path
     location = os.fspath(store.local_path() or store.location)
-    task = ray.remote(num_cpus=1)(analyse_strategy_class)
+    task = ray.remote(num_cpus=1, **storage_options())(analyse_strategy_class)
     pending = {task.remote(location, grouping, cls, settings, shards): (grouping, cls)
                for grouping, cls, shards in zip(index["grouping"], index["class"], index["shards"])}
     total, parts, shown = len(pending), [], time.time()
@@ -105,7 +110,9 @@ def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: i
             ray.cancel(ref)
     tables = strategy_tables(parts, class_names(index))
     seconds = time.time() - started
+    remove_references(store)  # chosen for the clusters about to be replaced
     write_strategies(store, tables, settings, seconds)
+    found = run_references(store, address) if references else None
     local = store.local_path()
     return StrategiesSummary(tables["strategy_classes"].to_pandas(), local / CLASSES if local else store.classes_path(),
-                             seconds, settings)
+                             seconds, settings, found)

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lrpscale.locations import resolve
+from lrpscale.locations import environment_hint, resolve, storage_error
 from lrpscale.storage.tables import TABLES
 
 RUN_JSON = "run.json"
@@ -48,6 +48,11 @@ EVALUATION = "evaluation"
 
 # a commit marker's name: the shard and, since attempts are named, the attempt whose files it commits
 _MARKER = re.compile(r"part-(\d+)(?:-([0-9a-f]+))?\.json")
+
+
+# Object stores have no folders to create: a key's "folder" exists once a key below it does, and
+# creating one costs a marker object and a bucket-wide permission (S3 checks HeadBucket as ListBucket)
+_FLAT_STORES = ("s3", "gcs")
 
 
 def new_attempt() -> str:
@@ -118,18 +123,36 @@ class RunStore:
         if source is not None and (self.root == source or self.root.startswith(source.rstrip("/") + "/")):
             raise ValueError(f"--output {self.location} lies inside --input {input_spec}: the run's files would "
                              "mix with the images; choose an output folder outside the input")
-        if self.is_file():
-            raise ValueError(f"--output {self.location} is a file, not a folder; choose a new or empty folder")
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            existing = Path(self.root)
-            while not existing.exists():
-                existing = existing.parent
-            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                raise ValueError(f"--output {self.location}: cannot write to {existing} (permission denied); "
-                                 "choose a folder you can write to")
-        if not self.is_run() and self.entries():
-            raise ValueError(f"--output {self.location} is not empty and holds no lrpscale run; lrpscale does not "
-                             "write into a folder of other files: choose a new or empty folder")
+        try:
+            if not isinstance(self.fs, pafs.LocalFileSystem):
+                self._check_store()
+            if self.is_file():
+                raise ValueError(f"--output {self.location} is a file, not a folder; choose a new or empty folder")
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                existing = Path(self.root)
+                while not existing.exists():
+                    existing = existing.parent
+                if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                    raise ValueError(f"--output {self.location}: cannot write to {existing} (permission denied); "
+                                     "choose a folder you can write to")
+            if not self.is_run() and self.entries():
+                raise ValueError(f"--output {self.location} is not empty and holds no lrpscale run; lrpscale does not "
+                                 "write into a folder of other files: choose a new or empty folder")
+        except OSError as error:  # a store that refused a request: wrong credentials, no network
+            raise storage_error(self.location, error) from None
+
+    def _check_store(self) -> None:
+        """On object storage: the bucket exists and one object can be written and deleted there
+        (one PUT and one DELETE), so wrong credentials fail now, not in every actor."""
+        bucket = self.root.split("/", 1)[0]
+        if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ValueError(f"--output {self.location}: the bucket {bucket!r} does not exist; create it, or check "
+                             f"the name and that the environment points at the store that holds it "
+                             f"({environment_hint(self.location)})")
+        probe = self.path(f".lrpscale-write-check-{new_attempt()}")
+        with self.fs.open_output_stream(probe) as stream:
+            stream.write(b"lrpscale checks that it may write here")
+        self.fs.delete_file(probe)
 
     def remove(self) -> None:
         """Delete the run: only the entries ``owned`` lists, so a user's file in the folder stays."""
@@ -147,7 +170,8 @@ class RunStore:
         without an error (and removed when it raises)."""
         target = self.path(relative)
         folder, _, name = target.rpartition("/")
-        self.fs.create_dir(folder, recursive=True)
+        if self.fs.type_name not in _FLAT_STORES:
+            self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.{name}.tmp"
         try:
             with self.fs.open_output_stream(tmp) as stream:
