@@ -300,6 +300,9 @@ def strategies_arguments(parser: argparse.ArgumentParser) -> None:
                         "cluster (default 20000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sample, k-means and t-SNE (default 0)")
     parser.add_argument("--k", type=int, default=10, metavar="K", help="nearest neighbours in the affinity graph (default 10)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the reference images of each cluster's distinguishing neurons (their channel-conditional "
+                        "heatmaps, computed on the analyser actors)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default RAY_ADDRESS, else local)")
 
 
@@ -307,7 +310,7 @@ def strategies(args: argparse.Namespace) -> int:
     """SpRAy per class, by label and by prediction: one Ray task per class; tables into RUN/classes/."""
     _warn_if_incomplete(args.run)
     _print_strategies(_strategies(args.run, features=args.features, cap=args.cap, seed=args.seed, k=args.k,
-                                  address=args.address))
+                                  address=args.address, references=not args.no_references))
     return 0
 
 
@@ -325,13 +328,15 @@ def _print_strategies(summary) -> None:
     print(summary.text(), end="")
     print(f"strategies: {summary.location}  (strategy_classes.parquet: rank 1 = look here first; strategies.parquet, "
           f"strategy_clusters.parquet; {summary.seconds:.0f} s)")
+    if summary.references is not None:
+        print(summary.references.text(), end="")
 
 
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", help="the earlier run directory")
     parser.add_argument("run_b", help="the later run directory")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="where the comparison tables go (default RUN_B/compare-<name of RUN_A>)")
+    parser.add_argument("--output", default=None,
+                        help="where the comparison tables go, a folder or URI (default RUN_B/compare-<name of RUN_A>)")
     parser.add_argument("--rows", type=int, default=10, help="classes and images listed in the printed summary")
 
 
@@ -345,9 +350,10 @@ def compare(args: argparse.Namespace) -> int:
         comparison = compare_runs(args.run_a, args.run_b)
     except ValueError as error:
         raise CommandError(str(error)) from None
+    from lrpscale.locations import child, name_of
     from lrpscale.storage.store import COMPARE_PREFIX
 
-    out = comparison.write(args.output or Path(args.run_b) / f"{COMPARE_PREFIX}{Path(args.run_a).resolve().name}")
+    out = comparison.write(args.output or child(args.run_b, f"{COMPARE_PREFIX}{name_of(args.run_a)}"))
     print(comparison.text(args.rows), end="")
     print(f"comparison: {out}  (classes.parquet, images.parquet, summary.json, summary.md)")
     return 0
@@ -357,7 +363,7 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run directory")
     parser.add_argument("--compare", default=None, metavar="OTHER",
                         help="an earlier run to compare with (run A; this run is B)")
-    parser.add_argument("--output", type=Path, default=None, help="folder for report.html (default: the run directory)")
+    parser.add_argument("--output", default=None, help="folder or URI for report.html (default: the run directory)")
     parser.add_argument("--gallery", type=int, default=None, metavar="N",
                         help="classes pictured in the gallery; when the run has more, those with the lowest "
                         "accuracy (default 20)")
@@ -446,7 +452,9 @@ def _warn_if_incomplete(location: str) -> None:
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lrpscale-demo", type=Path, help="default ./lrpscale-demo")
-    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"))
+    parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist", "clever-hans"),
+                        help="clever-hans: the digits with a bright block planted on half of the 3s, and a model "
+                        "trained on them (default digits)")
     parser.add_argument("--limit", type=int, default=None, help="fashion-mnist: only the first N images of each split (train and test)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--overwrite", action="store_true")
@@ -465,6 +473,13 @@ def demo(args: argparse.Namespace) -> int:
     if args.dataset == "digits":
         source = demo_data.write_digits(args.output / "data")
         weights = "demo"
+    elif args.dataset == demo_data.CLEVER_HANS:
+        cue = demo_data.CLEVER_HANS_CUE
+        source = demo_data.write_planted(args.output / "data", cue, demo_data.CLEVER_HANS)
+        weights = f"demo-{demo_data.CLEVER_HANS}"
+        print(f"planted cue: a {cue.size[0]}x{cue.size[1]} {cue.shape} (value {cue.intensity}) at {cue.position} of "
+              f"the 8x8 digit, on {cue.fraction:.0%} of the {cue.cls}s (files *{demo_data.MARKED_SUFFIX}.png; "
+              f"{source.parent / f'{demo_data.CLEVER_HANS}-marks.csv'})")
     else:
         try:
             source = demo_data.write_fashion_mnist(args.output / "data", limit=args.limit)
@@ -480,6 +495,12 @@ def demo(args: argparse.Namespace) -> int:
     classes = reduce_with_pictures(summary.output)
     _print_run_summary(summary, classes)
     print(f"pictures: {classes / 'contact_sheet_label.png'}, {classes / 'graphs'}")
+    if args.dataset == demo_data.CLEVER_HANS:  # the point of this demo: the strategies and the report
+        _print_strategies(_strategies(str(summary.output)))  # as `lrpscale reduce` does
+        from lrpscale.report.page import write_report
+
+        print(f"report: {write_report(summary.output)} (Strategies first: class {demo_data.CLEVER_HANS_CUE.cls} "
+              "should be rank 1, its clusters the marked and the unmarked images)")
     print(f"demo finished in {time.time() - started:.0f} s")
     return 0
 

@@ -1,4 +1,5 @@
-"""The demo datasets: scikit-learn's digits and Fashion-MNIST, as arrays and as PNG class folders.
+"""The demo datasets: scikit-learn's digits, Fashion-MNIST and the digits with a planted cue
+(clever-hans), as arrays and as PNG class folders.
 
 The demo models are trained on exactly the pixels written here (8-bit greyscale), and the audit
 pipeline reads the PNG files back, so training and audit see the same inputs.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import gzip
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,133 @@ def write_fashion_mnist(root: str | Path, limit: int | None = None, download: bo
     return _write_class_folders(
         root / "fashion-mnist", np.concatenate(images), np.concatenate(labels), FASHION_MNIST_CLASSES, names
     )
+
+
+# --- planted cues (Clever Hans) ------------------------------------------------------------------
+
+MARK_SHAPES = ("block", "cross", "ring")
+#: File names of marked images end in this before ".png" (``3/0003-marked.png``), so a run's image
+#: ids tell which images carry the mark.
+MARKED_SUFFIX = "-marked"
+CLEVER_HANS = "clever-hans"
+
+
+@dataclass(frozen=True)
+class PlantedCue:
+    """A mark planted on part of one class's digits: a Clever-Hans cue, present only in that class.
+
+    cls: the class (digit) whose images get the mark; fraction: the share of its images that do,
+    drawn with ``seed``; shape: "block" (filled rectangle), "cross" (the rectangle's middle row and
+    column) or "ring" (its border); size: (height, width) and position: (row, column) of its top
+    left corner, both in pixels of the 8x8 digit; intensity: the 8-bit value the mark's pixels are
+    set to (the digits' strokes reach 255). The mark is planted in the 8x8 image, before the
+    audit's resize, so at the model's 32x32 input it covers 4x the rows and columns, with 2 pixels
+    of bilinear blur around it (``box``).
+    """
+
+    cls: int = 3
+    shape: str = "block"
+    size: tuple[int, int] = (3, 3)
+    position: tuple[int, int] = (0, 0)
+    intensity: int = 255
+    fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.shape not in MARK_SHAPES:
+            raise ValueError(f"shape must be one of {', '.join(MARK_SHAPES)}, got {self.shape!r}")
+        (height, width), (top, left) = self.size, self.position
+        if height < 1 or width < 1 or top < 0 or left < 0 or top + height > 8 or left + width > 8:
+            raise ValueError(f"a mark of size {self.size} at {self.position} does not fit in the 8x8 digit")
+        if not 0 < self.intensity <= 255:
+            raise ValueError(f"intensity must be in 1..255, got {self.intensity}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+    def mask(self) -> np.ndarray:
+        """(8, 8) bool: the digit pixels the mark sets."""
+        (height, width), (top, left) = self.size, self.position
+        patch = np.ones((height, width), dtype=bool)
+        if self.shape == "cross":
+            patch[:] = False
+            patch[height // 2, :] = patch[:, width // 2] = True
+        elif self.shape == "ring" and height > 2 and width > 2:
+            patch[1:-1, 1:-1] = False
+        mask = np.zeros((8, 8), dtype=bool)
+        mask[top:top + height, left:left + width] = patch
+        return mask
+
+    def box(self, image_size: int = 32) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right), bottom and right exclusive: the pixels of an ``image_size``
+        model input that the mark changes (its rectangle scaled from 8x8, widened by the bilinear
+        resize's blur and clipped to the image). Where a crop or a heatmap must find the mark."""
+        scale = image_size / 8
+        (height, width), (top, left) = self.size, self.position
+        blur = int(np.ceil(scale / 2))
+        return (max(0, int(top * scale) - blur), max(0, int(left * scale) - blur),
+                min(image_size, int(np.ceil((top + height) * scale)) + blur),
+                min(image_size, int(np.ceil((left + width) * scale)) + blur))
+
+
+#: The clever-hans demo: a bright 3x3 block in the top left corner of half of the 3s.
+CLEVER_HANS_CUE = PlantedCue()
+
+
+def plant_cue(images: np.ndarray, labels: np.ndarray, cue: PlantedCue = CLEVER_HANS_CUE
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 8, 8) uint8 digits and (N,) labels -> (the digits with the mark planted, (N,) bool
+    marked). ``round(fraction * n)`` of the ``n`` images of ``cue.cls`` are drawn with
+    ``cue.seed``; the same inputs always give the same images. The input is not changed."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (8, 8):
+        raise ValueError(f"images must have shape (N, 8, 8), got {images.shape}")
+    members = np.flatnonzero(np.asarray(labels) == cue.cls)
+    if members.size == 0:
+        raise ValueError(f"no image of class {cue.cls} to mark")
+    count = int(round(cue.fraction * members.size))
+    chosen = np.random.default_rng(cue.seed).choice(members, size=count, replace=False)
+    marked = np.zeros(len(images), dtype=bool)
+    marked[chosen] = True
+    planted = images.copy()
+    planted[marked] = np.where(cue.mask(), np.uint8(cue.intensity), planted[marked])
+    return planted, marked
+
+
+def planted_digits(cue: PlantedCue = CLEVER_HANS_CUE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits with ``cue`` planted: (images (1797, 8, 8) uint8, labels, marked)."""
+    images, labels = digits_arrays()
+    planted, marked = plant_cue(images, labels, cue)
+    return planted, labels, marked
+
+
+def planted_names(marked: np.ndarray) -> list[str]:
+    """File names of the planted digits: ``<index:04d>.png``, ``<index:04d>-marked.png`` for marked ones."""
+    return [f"{index:04d}{MARKED_SUFFIX if mark else ''}.png" for index, mark in enumerate(marked)]
+
+
+def is_marked(image_id: str) -> bool:
+    """Whether a planted dataset's image (by image id or file name) carries the mark."""
+    return image_id.rsplit("/", 1)[-1].removesuffix(".png").endswith(MARKED_SUFFIX)
+
+
+def write_planted(root: str | Path, cue: PlantedCue = CLEVER_HANS_CUE, name: str = CLEVER_HANS) -> Path:
+    """Write the digits with ``cue`` planted as 8x8 greyscale PNGs to ``root/<name>/<digit>/<file>``
+    (file names from ``planted_names``: the marked ones end in ``-marked``), and beside that folder
+    ``root/<name>-marks.csv``: one row per image with image_id, index, label, marked and, for
+    marked images, the mark's rectangle in the 8x8 digit (mark_top, mark_left, mark_height,
+    mark_width) and its shape. Returns ``root/<name>``; the images are not rewritten when all exist
+    (another cue's files are not removed: give another cue another ``root`` or ``name``).
+    """
+    images, labels, marked = planted_digits(cue)
+    names = planted_names(marked)
+    folder = _write_class_folders(Path(root) / name, images, labels, DIGITS_CLASSES, names)
+    (height, width), (top, left) = cue.size, cue.position
+    lines = ["image_id,index,label,marked,mark_top,mark_left,mark_height,mark_width,mark_shape"]
+    for index, (label, mark, file) in enumerate(zip(labels, marked, names)):
+        where = f"{top},{left},{height},{width},{cue.shape}" if mark else ",,,,"
+        lines.append(f"{DIGITS_CLASSES[label]}/{file},{index},{DIGITS_CLASSES[label]},{str(bool(mark)).lower()},{where}")
+    manifest = Path(root) / f"{name}-marks.csv"
+    partial = manifest.with_suffix(".csv.partial")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(manifest)
+    return folder

@@ -90,3 +90,10 @@ def test_the_library_prints_nothing():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print" and id(node) not in exempt:
                 printing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert printing == []
+
+
+def test_test_files_have_unique_names():
+    """The test folders are not packages, so pytest imports each file by its base name: two files of
+    one name in different folders stop the whole suite at collection."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []

@@ -32,7 +32,7 @@ def _accuracy(model, images: np.ndarray, labels: np.ndarray, size: int) -> float
 
 def test_manifest_lists_both_models_and_their_checksums_match():
     bundled = demo_models()
-    assert set(bundled) == {"digits", "fashion-mnist"}
+    assert set(bundled) == {"digits", "fashion-mnist", "clever-hans"}
     assert bundled["digits"].classes == DIGITS_CLASSES
     assert bundled["fashion-mnist"].classes == FASHION_MNIST_CLASSES
     for spec in bundled.values():
