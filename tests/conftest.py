@@ -72,3 +72,25 @@ def demo_runs(ray_session, tmp_path_factory):
     """The runs of ``build_demo_runs``, once per test session: {"images", "run", "other"} paths.
     Tests must not change them (copy a run to alter it)."""
     return build_demo_runs(tmp_path_factory.mktemp("demo-runs"))
+
+
+@pytest.fixture
+def child_run():
+    """``start_child_audit`` (tests/helpers/audits.py) with clean-up: every child driver still
+    running at the end of the test is killed, so a failing test leaves no driver behind."""
+    import os
+    import signal
+
+    from tests.helpers.audits import start_child_audit
+
+    children = []
+
+    def start(output, source, weights, address: str):
+        children.append(start_child_audit(source, output, weights, address))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()

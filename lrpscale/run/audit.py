@@ -176,7 +176,7 @@ def _analyse_shards(store: RunStore, listing: pa.Table, pending: list[int], expe
     num_actors, resources = default_actors(config)
     # an actor whose process dies is restarted by Ray (loading its model again) when a slot is
     # free; meanwhile its shards go to the other actors
-    actor_class = ray.remote(max_restarts=-1, **_ray_options(resources), **storage_options())(AnalyzerActor)
+    actor_class = ray.remote(max_restarts=-1, **resources, **storage_options())(AnalyzerActor)
     actors = [actor_class.remote(config.model, config.weights, config.analysis.to_dict(), tf32=config.tf32,
                                  output=store.location, run_id=run_id, image_size=config.image_size,
                                  batch_size=config.batch_size) for _ in range(num_actors)]
@@ -279,11 +279,6 @@ class _ActorPool:
 def _input_location(spec: str) -> str:
     """The input as recorded in run.json: a local path made absolute, a URI as given."""
     return spec if is_uri(spec) else os.path.abspath(spec)
-
-
-def _ray_options(resources: dict) -> dict:
-    """RunConfig.actor_resources as ``ray.remote`` options (the keys are Ray's own)."""
-    return {key: value for key, value in resources.items() if value is not None}
 
 
 def check_labels(listing: pa.Table, model, target: str) -> None:

@@ -66,6 +66,7 @@ from lrpscale.engine import devices, randomisation
 from lrpscale.engine.faithfulness import ORDERS, region_perturbation
 from lrpscale.engine.models import input_normalization, load_model
 from lrpscale.inputs import decoding
+from lrpscale.inputs.preprocess import normalise
 from lrpscale.locations import fetched
 from lrpscale.results.run import EVALUATION_SETTINGS, EVALUATION_SUMMARY, EVALUATION_TABLES, Run
 from lrpscale.run.sampling import image_seed
@@ -265,8 +266,7 @@ def _decode(store: RunStore, images: pd.DataFrame, image_size: int, mean, std) -
     sample without those that no longer decode (logged: their file changed since the run)."""
     listing = store.read_listing()
     rows = listing.filter(pc.is_in(listing.column("image_id"), value_set=pa.array(images["image_id"], pa.string())))
-    batch = decoding.load_batch({name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names},
-                                image_size, mean, std)
+    batch = decoding.decode_rows(rows, image_size)
     position = {image_id: i for i, image_id in enumerate(batch["image_id"])}
     missing = [image_id for image_id in images["image_id"] if image_id not in position]
     failed = [image_id for image_id in images["image_id"] if image_id in position and not batch["ok"][position[image_id]]]
@@ -277,7 +277,7 @@ def _decode(store: RunStore, images: pd.DataFrame, image_size: int, mean, std) -
     if images.empty:
         raise ValueError(f"none of the sampled images of {store.location} could be read again; "
                          "check that the run's input is still where it was analysed")
-    pixels = np.stack([batch["pixels"][position[image_id]] for image_id in images["image_id"]])
+    pixels = normalise(np.stack([batch["pixels"][position[image_id]] for image_id in images["image_id"]]), mean, std)
     return torch.from_numpy(pixels), images.reset_index(drop=True)
 
 

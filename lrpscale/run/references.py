@@ -35,7 +35,6 @@ from lrpscale.results.references import (
     write_references,
 )
 from lrpscale.run.actor import AnalyzerActor
-from lrpscale.run.audit import _ray_options
 from lrpscale.run.session import default_actors, ensure_ray, storage_options
 from lrpscale.storage.store import CLASSES, RunStore
 
@@ -127,7 +126,7 @@ def _crops(store: RunStore, info: dict, keys: pd.DataFrame, settings: ReferenceS
     tasks = [list(range(start, min(start + IMAGES_PER_TASK, rows.num_rows)))
              for start in range(0, rows.num_rows, IMAGES_PER_TASK)]
     num_actors = max(1, min(num_actors, len(tasks)))
-    actor_class = ray.remote(**_ray_options(resources), **storage_options())(AnalyzerActor)
+    actor_class = ray.remote(**resources, **storage_options())(AnalyzerActor)
     actors = [actor_class.remote(config.model, config.weights, config.analysis.to_dict(), tf32=config.tf32,
                                  image_size=config.image_size, batch_size=config.batch_size)
               for _ in range(num_actors)]

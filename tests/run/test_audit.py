@@ -1,20 +1,14 @@
 """End-to-end audits on a local Ray: every input kind, bad inputs, exactly-once resume, the reducer."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import tarfile
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -28,6 +22,7 @@ from lrpscale.results import open_run
 from lrpscale.results.reducer import reduce_run
 from lrpscale.run.actor import AnalyzerActor
 from lrpscale.run.audit import run_audit
+from tests.helpers.audits import session_processes, wait_for_commits, write_sources
 from tests.helpers.exactly_once import assert_exactly_once
 
 pytestmark = pytest.mark.slow
@@ -74,27 +69,8 @@ def test_folder_audit_matches_in_process_analysis(ray_session, digits_folder, ti
         run_audit(_config(digits_folder, tmp_path / "run", tiny_weights, analysis=AnalysisConfig(ks=(1, 2))))
 
 
-def _write_sources(digits_folder: Path, root: Path) -> dict[str, str]:
-    """The same 20 digits as a manifest, a Parquet bytes dataset and WebDataset shards."""
-    files = sorted(p for p in digits_folder.rglob("*.png"))[:20]
-    manifest = root / "manifest.csv"
-    pd.DataFrame({"uri": [str(p) for p in files], "label": [p.parent.name for p in files]}).to_csv(manifest, index=False)
-    pq.write_table(pa.table({"image": [p.read_bytes() for p in files], "label": [p.parent.name for p in files],
-                             "image_id": [p.stem for p in files]}), root / "images.parquet")
-    (root / "shards").mkdir()
-    for shard in range(2):
-        with tarfile.open(root / "shards" / f"part-{shard}.tar", "w") as tar:
-            for p in files[shard * 10:(shard + 1) * 10]:
-                for suffix, content in ((".png", p.read_bytes()), (".cls", p.parent.name.encode())):
-                    info = tarfile.TarInfo(p.stem + suffix)
-                    info.size = len(content)
-                    tar.addfile(info, io.BytesIO(content))
-    return {"manifest": str(manifest), "parquet": str(root / "images.parquet"),
-            "webdataset": str(root / "shards" / "part-*.tar")}
-
-
 def test_every_input_kind_gives_the_same_results(ray_session, digits_folder, tiny_weights, tmp_path):
-    specs = _write_sources(digits_folder, tmp_path)
+    specs = write_sources(digits_folder, tmp_path)
     heatmaps = {}
     for kind, spec in specs.items():
         summary = run_audit(_config(spec, tmp_path / kind, tiny_weights))
@@ -172,50 +148,11 @@ def test_actor_failure_inside_a_batch_becomes_an_error_row(tiny_weights, digits_
     assert "label" in result[2]["error_message"]
 
 
-@pytest.fixture
-def child_run():
-    """Start a driver in a child process (its own process group) running the audit; every child
-    still running at the end of the test is killed, so a failing test leaves no driver behind."""
-    children = []
-
-    def start(output: Path, source: Path, weights: Path, address: str) -> subprocess.Popen:
-        code = (
-            "import ray\n"
-            f"ray.init(address={address!r}, log_to_driver=False)\n"
-            "from lrpscale.config import RunConfig\nfrom lrpscale.run.audit import run_audit\n"
-            f"run_audit(RunConfig(input={str(source)!r}, output={str(output)!r}, model='vgg11', "
-            f"weights={str(weights)!r}, image_size=32, shard_size=8, batch_size=4))\n"
-        )
-        # the session's Ray listens on loopback only (pipeline.ensure_ray): a driver joining it
-        # must take 127.0.0.1 as its own address too
-        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        children.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env))
-        return children[-1]
-
-    yield start
-    for child in children:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-
-
-def _wait_for_commits(run_dir: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if len(list((run_dir / "_commits").glob("*.json"))) >= count:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (code {process.returncode}) before {count} shards were committed")
-        time.sleep(0.2)
-    pytest.fail("no progress")
-
-
 def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, tiny_weights, tmp_path, child_run):
     address = ray_session.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     child = child_run(run_dir, digits_folder, tiny_weights, address)
-    _wait_for_commits(run_dir, 3, child)
+    wait_for_commits(run_dir, 3, child)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     committed_before = len(list((run_dir / "_commits").glob("*.json")))
@@ -226,30 +163,13 @@ def test_driver_killed_mid_run_resumes_exactly_once(ray_session, digits_folder, 
     assert_exactly_once(run_dir, set(sources.list_inputs(digits_folder).column("image_id").to_pylist()))
 
 
-def _session_processes(ray_module, fragment: str) -> list[int]:
-    """Pids of this Ray session's processes whose command line (Ray sets it to ray::<actor class>)
-    contains ``fragment``: descendants of the processes that name the session directory."""
-    import psutil
-
-    session = ray_module._private.worker._global_node.get_session_dir_path()
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(session in part for part in p.info["cmdline"] or ())]
-    found = set()
-    for process in (p for root in roots for p in [root, *root.children(recursive=True)]):
-        try:
-            if fragment in " ".join(process.cmdline()):
-                found.add(process.pid)
-        except psutil.Error:
-            continue
-    return sorted(found)
-
-
 def test_actor_killed_mid_run_still_gives_every_image_once(ray_session, digits_folder, tiny_weights, tmp_path,
                                                           child_run):
     address = ray_session.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     child = child_run(run_dir, digits_folder, tiny_weights, address)
-    _wait_for_commits(run_dir, 2, child)
-    actors = _session_processes(ray_session, "AnalyzerActor")
+    wait_for_commits(run_dir, 2, child)
+    actors = session_processes(ray_session, "AnalyzerActor")
     assert actors, "no analyser actor found"
     os.kill(actors[0], signal.SIGKILL)
     assert child.wait(timeout=300) == 0

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +20,8 @@ from lrpscale.results import open_run
 from lrpscale.run.audit import run_audit
 from lrpscale.run.reanalysis import reanalyze
 from lrpscale.storage.store import RunStore
+from tests.helpers.audits import session_processes, wait_for_commits, write_sources
 from tests.helpers.exactly_once import assert_exactly_once
-from tests.run.test_audit import _session_processes, _write_sources
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +45,7 @@ def _stem_frame(run):
 def data(s3_server, digits_folder, tmp_path_factory):
     """The digits as each input kind, on local disk and uploaded to s3://data/."""
     root = tmp_path_factory.mktemp("sources")
-    local = {"folder": str(digits_folder), **_write_sources(digits_folder, root)}
+    local = {"folder": str(digits_folder), **write_sources(digits_folder, root)}
     s3_server.bucket("data")
     s3_server.bucket("runs")
     s3_server.upload(digits_folder, "s3://data/digits")
@@ -79,28 +76,6 @@ def test_every_input_kind_in_s3_gives_the_tables_of_the_same_data_on_disk(ray_se
             assert sorted(remote.images.image_id) == sorted(local.images.image_id), kind
 
 
-def _start_child(config: RunConfig, address: str) -> subprocess.Popen:
-    code = ("import ray\n"
-            f"ray.init(address={address!r}, log_to_driver=False)\n"
-            "from lrpscale.config import RunConfig\nfrom lrpscale.run.audit import run_audit\n"
-            f"run_audit(RunConfig(input={config.input!r}, output={config.output!r}, model='vgg11', "
-            f"weights={config.weights!r}, image_size=32, shard_size=8, batch_size=4))\n")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
-
-
-def _wait_for_commits(location: str, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if len(RunStore(location).committed()) >= count:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (code {process.returncode}) before {count} shards were committed")
-        time.sleep(0.3)
-    pytest.fail("no progress")
-
-
 def _plain_and_open_run(location: str, expected: set[str]) -> None:
     """Exactly once read plainly (pandas/pyarrow on the table folders) and through open_run."""
     assert_exactly_once(location, expected)
@@ -110,15 +85,13 @@ def _plain_and_open_run(location: str, expected: set[str]) -> None:
     assert pq.read_table(f"{location}/images").num_rows == len(run.images)
 
 
-def test_a_driver_killed_mid_run_on_s3_resumes_exactly_once(ray_session, data, tiny_weights):
+def test_a_driver_killed_mid_run_on_s3_resumes_exactly_once(ray_session, data, tiny_weights, child_run):
     location = "s3://runs/killed-driver"
     config = _config(data["remote"]["folder"], location, tiny_weights)
-    child = _start_child(config, ray_session.get_runtime_context().gcs_address)
-    try:
-        _wait_for_commits(location, 3, child)
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+    child = child_run(location, config.input, tiny_weights, ray_session.get_runtime_context().gcs_address)
+    wait_for_commits(location, 3, child)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
     committed = len(RunStore(location).committed())
     assert committed < 15, "the run finished before it could be killed"
     summary = run_audit(config, progress=False)
@@ -126,19 +99,14 @@ def test_a_driver_killed_mid_run_on_s3_resumes_exactly_once(ray_session, data, t
     _plain_and_open_run(location, _ids(data["remote"]["folder"]))
 
 
-def test_an_actor_killed_mid_run_on_s3_still_gives_every_image_once(ray_session, data, tiny_weights):
+def test_an_actor_killed_mid_run_on_s3_still_gives_every_image_once(ray_session, data, tiny_weights, child_run):
     location = "s3://runs/killed-actor"
-    config = _config(data["remote"]["folder"], location, tiny_weights)
-    child = _start_child(config, ray_session.get_runtime_context().gcs_address)
-    try:
-        _wait_for_commits(location, 2, child)
-        actors = _session_processes(ray_session, "AnalyzerActor")
-        assert actors, "no analyser actor found"
-        os.kill(actors[0], signal.SIGKILL)
-        assert child.wait(timeout=300) == 0
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+    child = child_run(location, data["remote"]["folder"], tiny_weights, ray_session.get_runtime_context().gcs_address)
+    wait_for_commits(location, 2, child)
+    actors = session_processes(ray_session, "AnalyzerActor")
+    assert actors, "no analyser actor found"
+    os.kill(actors[0], signal.SIGKILL)
+    assert child.wait(timeout=300) == 0
     _plain_and_open_run(location, _ids(data["remote"]["folder"]))
     filesystem, path = pafs.FileSystem.from_uri(f"{location}/images")
     files = filesystem.get_file_info(pafs.FileSelector(path))
