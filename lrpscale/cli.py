@@ -272,6 +272,8 @@ def reduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pictures", action="store_true")
     parser.add_argument("--no-strategies", action="store_true",
                         help="skip SpRAy's strategies per class (`lrpscale strategies` with its defaults, on Ray)")
+    parser.add_argument("--no-references", action="store_true",
+                        help="run the strategies without the reference images per neuron (no model is loaded)")
 
 
 def reduce(args: argparse.Namespace) -> int:
@@ -286,7 +288,7 @@ def reduce(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     print(f"classes: {out}")
     if not args.no_strategies:
-        _print_strategies(_strategies(args.run))
+        _print_strategies(_strategies(args.run, references=not args.no_references))
     return 0
 
 

@@ -61,6 +61,16 @@ def test_results_load_without_torch_or_matplotlib():
     assert result.stdout.strip() == "[]"
 
 
+def test_a_strategies_driver_loads_no_torch():
+    """The strategies and the reducer run on results alone; torch costs a driver ~600 MB of memory,
+    so only the references' actors (and a driver that starts them) load it."""
+    code = ("import sys; import lrpscale.run.strategies, lrpscale.cli; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_ruff_is_clean():
     result = subprocess.run([str(BIN / "ruff"), "check", "lrpscale", "jobs", "tests", "benchmarks", "scripts"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

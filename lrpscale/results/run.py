@@ -176,6 +176,15 @@ class Run:
         """SpRAy per cluster: images, share, accuracy, prototype heatmap, distinguishing neurons."""
         return self._classes_table(STRATEGY_FILES["strategy_clusters"], command="strategies")
 
+    @cached_property
+    def references(self) -> pd.DataFrame:
+        """Reference images per neuron (``lrpscale strategies``): layer, neuron, scope ("run" or
+        "class" and its grouping and class), rank, image_id, score, measure and the crop; empty
+        until ``lrpscale strategies`` has written them all."""
+        from lrpscale.results.references import read_references  # it reads runs: imported here, not at the top
+
+        return read_references(self.store)
+
     @property
     def has_strategies(self) -> bool:
         return self.store.is_file(CLASSES, STRATEGY_SETTINGS)

@@ -3,12 +3,14 @@ class, by label and by prediction, from the committed images and neurons tables,
 tables under ``classes/``.
 
     index = class_index(store)                                    # the classes and their shards
-    parts = [analyse_strategy_class(store, g, c, settings, shards) for g, c, shards in ...]
+    plan = plan_partitions(store, index)                          # rows regrouped by class ...
+    files = bucket_files([write_partition(store, plan, p) for p in range(len(plan.parts))])
+    parts = [analyse_strategy_class(store, files[plan.buckets[g, c]], g, c, settings) for g, c in ...]
     write_strategies(store, strategy_tables(parts), settings)
 
-One class needs only its own rows: ``analyse_strategy_class`` reads them with column projection and
-a filter from the shards the class lies in, so ``lrpscale.run.strategies`` runs it as one Ray task
-per class; ``compute_strategies`` runs every class here, one after another (no Ray).
+A class needs only its own rows, so ``lrpscale.run.strategies`` runs the regrouping (one pass over
+the shards, ``class_partitions``) as one Ray task per part and then one task per class;
+``compute_strategies`` does the same here, one step after another (no Ray).
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from lrpscale import __version__
 from lrpscale.results.class_counts import BY, class_order
+from lrpscale.results.class_partitions import bucket_files, plan_partitions, read_class, remove_partitions, write_partition
 from lrpscale.results.run import STRATEGY_FILES, STRATEGY_SETTINGS
 from lrpscale.results.spray import analyse_class, channel_features, heatmap_features
 from lrpscale.storage.store import CLASSES, RunStore
@@ -106,36 +108,20 @@ def class_index(run: RunStore) -> pd.DataFrame:
     return frame.iloc[order].reset_index(drop=True)
 
 
-def has_channel_relevance(run: RunStore) -> bool:
-    """Whether the run's images table stores the channel relevance (runs analysed before it was
-    stored do not)."""
-    files = run.committed_files("images")
-    return any("channel_relevance" in run.parquet_file(path).schema_arrow.names for path in files[:1])
-
-
-def analyse_strategy_class(run: str | RunStore, grouping: str, cls: str, settings: StrategySettings | None = None,
-                           shards: list[str] | None = None) -> ClassStrategyTables:
-    """SpRAy of one class: its images (``grouping`` "label" or "pred", ``cls`` the label or the
-    prediction's index as a string) read from the committed images table with column projection
-    and a filter, in image_id order, then ``analyse_class`` and, per cluster, its share, accuracy,
-    prototype and distinguishing neurons (docs/method.md §18, "In a run").
-
-    shards: base names of the images files the class lies in (``class_index``), to read only
-    those (and the neurons files of the same shards); None reads every committed file.
-    """
+def analyse_strategy_class(run: str | RunStore, files: list[str], grouping: str, cls: str,
+                           settings: StrategySettings | None = None) -> ClassStrategyTables:
+    """SpRAy of one class (``grouping`` "label" or "pred", ``cls`` the label or the prediction's
+    index as a string): its rows, read from its bucket's partition ``files`` (``class_partitions``)
+    in image_id order, go through ``analyse_class``; then per cluster its share, accuracy, prototype
+    and distinguishing neurons (docs/method.md §18, "In a run"). The body of one Ray task of
+    ``lrpscale.run.strategies``."""
     run = run if isinstance(run, RunStore) else RunStore(run)
     settings = settings or StrategySettings()
     if grouping not in BY:
         raise ValueError(f"grouping must be one of {', '.join(BY)}, got {grouping!r}")
-    value = int(cls) if grouping == "pred" else cls
-    where = ds.field(grouping) == value
-    columns = ["image_id", "label_index", "pred", "heatmap"]
-    if settings.features == "channels":
-        columns.append("channel_relevance")
-    images = _read(run, "images", shards, columns, where, cls)
+    images, neurons = read_class(run, files, cls)
     if images.num_rows == 0:
         raise ValueError(f"no analysed image of class {cls!r} (by {grouping}) in {run.location}")
-    images = images.sort_by("image_id")
     maps = images.column("heatmap").combine_chunks().to_numpy_ndarray()
     if settings.features == "channels":
         channels = images.column("channel_relevance").combine_chunks()
@@ -153,7 +139,6 @@ def analyse_strategy_class(run: str | RunStore, grouping: str, cls: str, setting
                      "cluster": found.cluster, "x": found.x, "y": found.y, "sampled": found.sampled}, schema=IMAGE_ROWS)
     correct = pc.fill_null(pc.equal(images.column("label_index"), images.column("pred")), False)
     correct = correct.to_numpy(zero_copy_only=False).astype(bool)
-    neurons = _read(run, "neurons", shards, ["image_id", "layer", "neuron"], where, cls).to_pandas()
     clusters = _cluster_rows(grouping, cls, found.cluster, correct, maps, image_ids, neurons, settings.top_neurons)
     summary = {"grouping": grouping, "class": cls, "images": count, "sampled_images": int(found.sampled.sum()),
                "eigenvalues": found.eigenvalues.tolist(), "clusters": found.suggested_clusters,
@@ -207,12 +192,18 @@ def write_strategies(run: RunStore, tables: dict[str, pa.Table], settings: Strat
 
 def compute_strategies(run: str | RunStore, settings: StrategySettings | None = None) -> dict[str, pa.Table]:
     """Every class of the run analysed here, one after another (no Ray; ``lrpscale.run.strategies``
-    fans the classes out over a cluster); returns ``strategy_tables``' tables, writes nothing."""
+    fans the parts and classes out over a cluster); returns ``strategy_tables``' tables and writes
+    only the temporary partition files, which it removes."""
     run = run if isinstance(run, RunStore) else RunStore(run)
     settings = settings or StrategySettings()
     index = class_index(run)
-    parts = [analyse_strategy_class(run, grouping, cls, settings, shards)
-             for grouping, cls, shards in zip(index["grouping"], index["class"], index["shards"])]
+    plan = plan_partitions(run, index, settings.features)
+    try:
+        files = bucket_files([write_partition(run, plan, part) for part in range(len(plan.parts))])
+        parts = [analyse_strategy_class(run, files[plan.buckets[grouping, cls]], grouping, cls, settings)
+                 for grouping, cls in zip(index["grouping"], index["class"])]
+    finally:
+        remove_partitions(run, plan)
     return strategy_tables(parts, class_names(index))
 
 
@@ -224,23 +215,6 @@ def class_names(index: pd.DataFrame) -> dict[tuple[str, str], str]:
 def _value_counts(values: pa.Array) -> tuple[list, list]:
     counted = pc.value_counts(values)
     return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
-
-
-def _read(run: RunStore, table: str, shards: list[str] | None, columns: list[str], where, cls: str) -> pa.Table:
-    """A table's rows of one class, from the committed files of the given shards (base names of
-    images files; the same shard's file in any table has the same base name)."""
-    files = run.committed_files(table)
-    if shards is not None:
-        wanted = set(shards)
-        files = [path for path in files if path.rpartition("/")[2] in wanted]
-    if not files:
-        return pa.table({name: pa.array([], pa.string()) for name in columns}).slice(0, 0)
-    dataset = ds.dataset(files, format="parquet", filesystem=run.fs)
-    missing = [name for name in columns if name not in dataset.schema.names]
-    if missing:
-        hint = " (analysed before lrpscale stored it): use features 'heatmap'" if missing == ["channel_relevance"] else ""
-        raise ValueError(f"the {table} table of {run.location} has no column {', '.join(missing)} for class {cls!r}{hint}")
-    return dataset.to_table(columns=columns, filter=where)
 
 
 def _cluster_rows(grouping: str, cls: str, labels: np.ndarray, correct: np.ndarray, maps: np.ndarray,

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2  # shards handed to one actor at once: one analysed while the next decodes
 MAX_ATTEMPTS = 3         # tries of one shard before the run stops (an actor that died, a failed write)
+STALL_SECONDS = 600.0    # actors dying with no shard committed for this long: the run stops instead of looping
 
 
 def fingerprint(config: RunConfig, model_id: str) -> dict:
@@ -169,7 +170,8 @@ def _analyse_shards(store: RunStore, listing: pa.Table, pending: list[int], expe
     are out at once, so the next shard decodes while the current one is analysed. A shard whose
     actor died goes to another actor while Ray restarts that one (``_ActorPool``); one that fails
     otherwise (a decode worker crashed, a write failed) is tried again with a new attempt id, up
-    to ``MAX_ATTEMPTS`` times. A failed attempt's files are never committed.
+    to ``MAX_ATTEMPTS`` times. Actors that keep dying with nothing committed stop the run
+    (``_ActorPool.resting``). A failed attempt's files are never committed.
     """
     import ray
 
@@ -249,6 +251,8 @@ class _ActorPool:
         self.not_before = [0.0] * size
         self.pause = [1.0] * size
         self.gone: dict[int, Exception] = {}
+        self.deaths = 0                # actor deaths since the last committed shard
+        self.progress = time.time()    # when a shard was last committed (or the pool started)
 
     def next(self) -> int | None:
         now = time.time()
@@ -261,11 +265,23 @@ class _ActorPool:
         return min(max(0.05, min(waits)), 30.0)
 
     def resting(self, actor: int) -> None:
+        """An actor's process died (Ray restarts it). Raises RuntimeError when actors have died at
+        least ``MAX_ATTEMPTS`` times each with no shard committed for ``STALL_SECONDS``: restarts
+        that never get a shard done (a replica that runs out of memory on every shard, say) would
+        otherwise go on for ever, since Ray restarts the actors without limit."""
         self.not_before[actor] = time.time() + self.pause[actor]
         self.pause[actor] = min(2 * self.pause[actor], 30.0)
+        self.deaths += 1
+        stalled = time.time() - self.progress
+        if self.deaths >= MAX_ATTEMPTS * len(self.load) and stalled >= STALL_SECONDS:
+            raise RuntimeError(f"the analyser actors died {self.deaths} times in {stalled:.0f} s without committing a "
+                               "shard (out of memory, a crash in native code, or lost nodes): stopping instead of "
+                               "restarting them for ever; the committed shards are kept. Lower --batch-size or give "
+                               "each actor more memory (--actor-resources), then run the same command to resume")
 
     def worked(self, actor: int) -> None:
         self.pause[actor] = 1.0
+        self.deaths, self.progress = 0, time.time()
 
     def dead(self, actor: int, error: Exception) -> None:
         """An actor Ray will not restart (its constructor failed, or its restarts ran out)."""

@@ -34,7 +34,6 @@ from lrpscale.results.references import (
     references_table,
     write_references,
 )
-from lrpscale.run.actor import AnalyzerActor
 from lrpscale.run.session import default_actors, ensure_ray, storage_options
 from lrpscale.storage.store import CLASSES, RunStore
 
@@ -121,6 +120,8 @@ def _crops(store: RunStore, info: dict, keys: pd.DataFrame, settings: ReferenceS
     missing = [image_id for image_id in image_ids if image_id not in row_of]
     if missing:
         log.warning("%d chosen images are not in the listing (e.g. %s): no crops for them", len(missing), missing[0])
+    from lrpscale.run.actor import AnalyzerActor  # torch: only a driver that computes references loads it
+
     ensure_ray(address)
     num_actors, resources = default_actors(config)
     tasks = [list(range(start, min(start + IMAGES_PER_TASK, rows.num_rows)))

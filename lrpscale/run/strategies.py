@@ -1,31 +1,33 @@
-"""SpRAy over a run on Ray: one task per (grouping, class), so the classes of a large run are
-clustered in parallel across a cluster; the driver gathers the small per-class tables and writes
-them under ``RUN/classes/`` (docs/method.md §18, "In a run").
+"""SpRAy over a run on Ray: one task per part of the run regroups its rows by class (one pass over
+the shards, ``results.class_partitions``), then one task per (grouping, class) clusters it, so the
+classes of a large run are clustered in parallel across a cluster; the driver gathers the small
+per-class tables and writes them under ``RUN/classes/`` (docs/method.md §18, "In a run").
 
     summary = run_strategies("runs/audit")              # features from the stored heatmaps
     summary = run_strategies("runs/audit", features="channels", cap=5000)
     summary = run_strategies("runs/audit", references=False)   # without the reference images per neuron
 
-Each task reads only its class's rows (column projection and a filter, from the shards the class
-lies in) and returns its images' clusters and positions, one summary row and its clusters' rows.
+Each class task reads only its class's rows (from its bucket's partition files, skipping the
+other classes' row groups) and returns its images' clusters and positions, one summary row and its
+clusters' rows. The partition files are removed at the end, whatever happened.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from lrpscale.results.class_partitions import bucket_files, plan_partitions, remove_partitions, write_partition
 from lrpscale.results.run import Run
 from lrpscale.results.strategies import (
     StrategySettings,
     analyse_strategy_class,
     class_index,
     class_names,
-    has_channel_relevance,
     strategy_tables,
     write_strategies,
 )
@@ -40,13 +42,15 @@ PROGRESS_SECONDS = 5.0  # a progress line at most this often, and one at the end
 @dataclass
 class StrategiesSummary:
     """What ``run_strategies`` did: the classes table (one row per grouping and class, in rank
-    order), where the tables went, how long it took, and the reference images (None when skipped)."""
+    order), where the tables went, how long it took (in all, and per stage: index, regroup,
+    classes, write), and the reference images (None when skipped)."""
 
     classes: pd.DataFrame
     location: Path | str
     seconds: float
     settings: StrategySettings
     references: ReferencesSummary | None = None
+    stages: dict[str, float] = field(default_factory=dict)
 
     def text(self, rows: int = 5) -> str:
         """A few lines for the command line: per grouping the classes, how many split, and the
@@ -68,8 +72,9 @@ class StrategiesSummary:
 def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: int = 20000, seed: int = 0,
                    address: str | None = None, k: int = 10, n_eigval: int = 32, max_clusters: int = 10,
                    top_neurons: int = 5, references: bool = True) -> StrategiesSummary:
-    """SpRAy of every class of a run, by label and by prediction, as one Ray task per class (Ray is
-    joined at ``address`` / RAY_ADDRESS or started locally when not running yet); writes
+    """SpRAy of every class of a run, by label and by prediction: the rows regrouped by class (one Ray
+    task per part of the run), then one Ray task per class (Ray is joined at ``address`` /
+    RAY_ADDRESS or started locally when not running yet); writes
     ``classes/strategies.parquet``, ``strategy_classes.parquet``, ``strategy_clusters.parquet``
     and ``strategies.json``; then, unless ``references`` is False, the reference images of the
     clusters' distinguishing neurons (``run_references``: ``references.parquet``; references of
@@ -83,36 +88,61 @@ def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: i
     store = run if isinstance(run, RunStore) else RunStore(run)
     Run(store)  # a folder without run.json is named as such
     started = time.time()
+    stages = {}
     index = class_index(store)
-    if features == "channels" and not has_channel_relevance(store):
-        raise ValueError(f"{store.location} stores no channel relevance (analysed before lrpscale stored it): "
-                         "use --features heatmap, or analyse the images again")
+    plan = plan_partitions(store, index, features)  # refuses channel features of a run without them
+    stages["index"] = time.time() - started
     ensure_ray(address)
     # workers may start in another folder: a local run goes to them by its absolute path
     location = os.fspath(store.local_path() or store.location)
-    task = ray.remote(num_cpus=1, **storage_options())(analyse_strategy_class)
-    pending = {task.remote(location, grouping, cls, settings, shards): (grouping, cls)
-               for grouping, cls, shards in zip(index["grouping"], index["class"], index["shards"])}
-    total, parts, shown = len(pending), [], time.time()
-    log.info("strategies: %d classes (%d by label, %d by prediction) as Ray tasks, %s features", total,
-             int((index["grouping"] == "label").sum()), int((index["grouping"] == "pred").sum()), features)
+    options = {"num_cpus": 1, **storage_options()}
+    log.info("strategies: %d classes (%d by label, %d by prediction), %s features; regrouping the rows of %d "
+             "shards by class in %d Ray tasks", len(index), int((index["grouping"] == "label").sum()),
+             int((index["grouping"] == "pred").sum()), features, sum(map(len, plan.parts)), len(plan.parts))
+    remove_partitions(store)  # what a killed earlier pass left
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
-            for ref in done:
-                pending.pop(ref)
-                parts.append(ray.get(ref))
-            if not pending or time.time() - shown >= PROGRESS_SECONDS:
-                log.info("strategies: %d/%d classes done, %.0f s", len(parts), total, time.time() - started)
-                shown = time.time()
-    finally:  # a failed class (or Ctrl-C) leaves no tasks running for nothing
-        for ref in pending:
-            ray.cancel(ref)
+        stage = time.time()
+        regroup = ray.remote(**options)(write_partition)
+        plan_ref = ray.put(plan)  # its shard names and buckets go to the object store once, not once per task
+        written = _gather([regroup.remote(location, plan_ref, part) for part in range(len(plan.parts))],
+                          "parts regrouped", started)
+        files = bucket_files(written)
+        stages["regroup"], stage = time.time() - stage, time.time()
+        task = ray.remote(**options)(analyse_strategy_class)
+        parts = _gather([task.remote(location, files[plan.buckets[grouping, cls]], grouping, cls, settings)
+                         for grouping, cls in zip(index["grouping"], index["class"])], "classes done", started)
+        stages["classes"] = time.time() - stage
+    finally:
+        remove_partitions(store, plan)
+    stage = time.time()
     tables = strategy_tables(parts, class_names(index))
     seconds = time.time() - started
     remove_references(store)  # chosen for the clusters about to be replaced
     write_strategies(store, tables, settings, seconds)
+    stages["write"] = time.time() - stage
     found = run_references(store, address) if references else None
     local = store.local_path()
     return StrategiesSummary(tables["strategy_classes"].to_pandas(), local / CLASSES if local else store.classes_path(),
-                             seconds, settings, found)
+                             seconds, settings, found, stages)
+
+
+def _gather(refs: list, what: str, started: float) -> list:
+    """The results of ``refs`` in completion order, logging "<done>/<all> <what>" at most every
+    ``PROGRESS_SECONDS`` and at the end; on an error (or Ctrl-C) the tasks still pending are
+    cancelled, so none runs on for nothing."""
+    import ray
+
+    pending, results, shown = set(refs), [], time.time()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
+            for ref in done:
+                pending.discard(ref)
+                results.append(ray.get(ref))
+            if not pending or time.time() - shown >= PROGRESS_SECONDS:
+                log.info("strategies: %d/%d %s, %.0f s", len(results), len(refs), what, time.time() - started)
+                shown = time.time()
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+    return results

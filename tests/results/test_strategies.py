@@ -12,7 +12,9 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from lrpscale.results import open_run
+from lrpscale.results.class_partitions import bucket_files, plan_partitions, remove_partitions, write_partition
 from lrpscale.results.strategies import (
+    ClassStrategyTables,
     StrategySettings,
     analyse_strategy_class,
     class_index,
@@ -25,6 +27,17 @@ from lrpscale.storage import tables
 from tests.helpers.runs import image, neuron, record, result_table, write_run
 
 SIDE = 8  # heatmap side of the hand-made runs
+
+
+def one_class(store, grouping: str, cls: str, settings: StrategySettings | None = None) -> ClassStrategyTables:
+    """One class's strategies the way a run computes them: the rows regrouped by class, then the class's task."""
+    settings = settings or StrategySettings()
+    plan = plan_partitions(store, class_index(store), settings.features)
+    try:
+        files = bucket_files([write_partition(store, plan, part) for part in range(len(plan.parts))])
+        return analyse_strategy_class(store, files[plan.buckets[grouping, cls]], grouping, cls, settings)
+    finally:
+        remove_partitions(store, plan)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,7 +84,7 @@ def two_shapes(tmp_path_factory):
 
 
 def test_a_class_in_two_heatmap_shapes_splits_into_two_pure_clusters(two_shapes):
-    part = analyse_strategy_class(two_shapes, "label", "a")
+    part = one_class(two_shapes, "label", "a")
     frame = part.images.to_pandas()
     assert part.summary["clusters"] == 2 and part.summary["images"] == 24
     purity = pd.crosstab(frame["cluster"], frame["image_id"].map(shape_of))
@@ -82,7 +95,7 @@ def test_a_class_in_two_heatmap_shapes_splits_into_two_pure_clusters(two_shapes)
 
 
 def test_cluster_rows_by_hand(two_shapes):
-    part = analyse_strategy_class(two_shapes, "label", "a")
+    part = one_class(two_shapes, "label", "a")
     images = part.images.to_pandas()
     clusters = part.clusters.to_pandas()
     maps = open_run(two_shapes.location).images.set_index("image_id")
@@ -131,17 +144,17 @@ def test_features_channels_cluster_by_the_channel_relevance(tmp_path):
         channels[slice(0, 3) if i % 2 == 0 else slice(3, 6)] += 1.0
         rows.append(image(f"a/{i:03d}.png", "a", 0, record(0, corner_map(rng, 0), channel_relevance=channels)))
     store = write_run(tmp_path / "run", {0: result_table(rows)}, heatmap_side=SIDE)
-    channels = analyse_strategy_class(store, "label", "a", StrategySettings(features="channels")).images.to_pandas()
+    channels = one_class(store, "label", "a", StrategySettings(features="channels")).images.to_pandas()
     purity = pd.crosstab(channels["cluster"], channels["image_id"].map(shape_of))
     assert sorted(purity.to_numpy().ravel().tolist()) == [0, 0, 12, 12]
-    assert analyse_strategy_class(store, "label", "a", StrategySettings(features="channels")).summary["features"] == "channels"
+    assert one_class(store, "label", "a", StrategySettings(features="channels")).summary["features"] == "channels"
 
 
 def test_channel_features_of_a_run_without_them_name_the_way_out(two_shapes, tmp_path):
     rows = [image(f"a/{i}.png", "a", 0, record(0, corner_map(np.random.default_rng(i), 0))) for i in range(4)]
     store = write_run(tmp_path / "run", {0: result_table(rows)}, heatmap_side=SIDE)
-    with pytest.raises(ValueError, match="features 'heatmap'"):
-        analyse_strategy_class(store, "label", "a", StrategySettings(features="channels"))
+    with pytest.raises(ValueError, match="stores no channel relevance.*--features heatmap"):
+        one_class(store, "label", "a", StrategySettings(features="channels"))
 
 
 def test_the_images_table_stores_the_channel_relevance_as_a_float16_tensor(two_shapes, tmp_path):
@@ -226,7 +239,7 @@ def test_classes_rank_by_connectivity_ascending_per_grouping(several_tables):
 
 
 def test_the_cap_clusters_a_sample_and_says_so(two_shapes):
-    part = analyse_strategy_class(two_shapes, "label", "a", StrategySettings(cap=14, seed=1))
+    part = one_class(two_shapes, "label", "a", StrategySettings(cap=14, seed=1))
     frame = part.images.to_pandas()
     assert frame["sampled"].sum() == 14 == part.summary["sampled_images"] and part.summary["cap"] == 14
     assert frame.loc[~frame["sampled"], ["x", "y"]].isna().all().all()
@@ -277,7 +290,7 @@ def test_strategy_tables_of_no_classes_refuse():
 
 
 def test_schema_of_the_cluster_table(two_shapes):
-    clusters = analyse_strategy_class(two_shapes, "label", "a").clusters
+    clusters = one_class(two_shapes, "label", "a").clusters
     assert clusters.schema.field("prototype").type == tables.picture_type([SIDE, SIDE], pa.float32())
     assert clusters.schema.field("distinguishing_neurons").type.value_type.names == [
         "layer", "neuron", "frequency_inside", "frequency_outside"]

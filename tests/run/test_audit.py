@@ -176,6 +176,42 @@ def test_actor_killed_mid_run_still_gives_every_image_once(ray_session, digits_f
     assert_exactly_once(run_dir, set(sources.list_inputs(digits_folder).column("image_id").to_pylist()))
 
 
+def test_actors_that_keep_dying_stop_the_run_with_a_clear_error_and_it_resumes(ray_session, digits_folder, tiny_weights,
+                                                                               tmp_path, monkeypatch):
+    """Every analyser actor is killed as soon as it appears: Ray restarts them without limit, so
+    the run must notice that nothing gets committed and stop (here after 2 s without a commit
+    instead of 10 min), keeping what was committed; once the actors live, the same command
+    finishes the run exactly once."""
+    import threading
+
+    from lrpscale.run import audit
+
+    monkeypatch.setattr(audit, "STALL_SECONDS", 2.0)
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            for pid in session_processes(ray_session, "AnalyzerActor"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    config = _config(digits_folder, tmp_path / "run", tiny_weights)
+    try:
+        with pytest.raises(RuntimeError, match=r"actors died \d+ times .* without committing a shard.*resume"):
+            run_audit(config)
+    finally:
+        stop.set()
+        thread.join()
+    summary = run_audit(config)
+    assert summary.ok == 120
+    assert_exactly_once(tmp_path / "run", set(sources.list_inputs(digits_folder).column("image_id").to_pylist()))
+
+
 def test_reducer_heatmaps_equal_pandas_means(ray_session, digits_folder, tiny_weights, tmp_path):
     run_audit(_config(digits_folder, tmp_path / "run", tiny_weights))
     reduce_run(tmp_path / "run")

@@ -120,6 +120,8 @@ def _scores(run) -> dict[str, pd.DataFrame]:
 def test_references_hold_the_top_images_of_each_neuron_and_scope(referenced):
     run = open_run(referenced)
     table = read_references(run.store)
+    assert run.references[["layer", "neuron", "scope", "rank", "image_id"]].equals(
+        table[["layer", "neuron", "scope", "rank", "image_id"]])
     settings = json.loads((referenced / "classes" / "references.json").read_text())
     layer = channel_layer(run.info)
     assert settings["channel_layer"] == layer == "features.28" and settings["settings"]["images"] == 8
@@ -184,4 +186,4 @@ def test_no_references_skips_them_and_removes_earlier_ones(referenced, tmp_path,
     assert "references:" not in capsys.readouterr().out
     assert not (run / "classes" / "references.json").exists()
     assert not (run / "classes" / "references.parquet").exists()
-    assert read_references(RunStore(run)).empty
+    assert read_references(RunStore(run)).empty and open_run(run).references.empty

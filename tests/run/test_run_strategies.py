@@ -88,9 +88,11 @@ def test_reduce_runs_strategies_unless_told_not_to(demo_runs, tmp_path):
     shutil.copytree(demo_runs["run"], run)
     assert cli.main(["reduce", str(run), "--no-pictures", "--no-strategies"]) == 0
     assert not any((run / "classes" / name).exists() for name in TABLES)
-    assert cli.main(["reduce", str(run), "--no-pictures"]) == 0
+    assert cli.main(["reduce", str(run), "--no-pictures", "--no-references"]) == 0
     assert all((run / "classes" / name).is_file() for name in TABLES)
     assert len(open_run(run).strategies) == 2 * len(open_run(run).images)
+    assert not (run / "classes" / "references.json").exists() and open_run(run).references.empty
+    assert not (run / "classes" / "_partitions").exists()  # the regrouped rows are gone
 
 
 def test_the_analyzer_records_the_first_swept_layers_channel_relevance_over_its_sum():
