@@ -230,11 +230,13 @@ def test_reduce_and_report_of_a_half_run_say_so(finished_run, tmp_path):
 
 
 def test_ctrl_c_ends_cleanly_with_exit_130(digits_folder, tiny_weights, tmp_path):
-    """SIGINT while the audit runs: one line, exit code 130, no traceback; the same command resumes."""
+    """SIGINT while the audit runs: one line, exit code 130, no traceback; the same command resumes.
+    Shards of 2 images, so that most of the run is still to do when the first commit appears (with
+    shards of 16 the run once finished before the signal arrived)."""
     output = tmp_path / "run"
     command = [sys.executable, "-m", "lrpscale.cli", "run", "--input", str(digits_folder), "--output", str(output),
-               "--model", "vgg11", "--weights", str(tiny_weights), "--image-size", "32", "--shard-size", "16",
-               "--batch-size", "8", "--no-reduce"]
+               "--model", "vgg11", "--weights", str(tiny_weights), "--image-size", "32", "--shard-size", "2",
+               "--batch-size", "2", "--no-reduce"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (output / "_commits").is_dir() and process.poll() is None and time.time() < deadline:
