@@ -22,6 +22,7 @@ pass's, which removes them before it starts.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def write_partition(run: str | RunStore, plan: PartitionPlan, part: int) -> dict
     images = _with_neuron_lists(_read_shards(run, "images", shards, [*plan.columns, "label"]),
                                 _read_shards(run, "neurons", shards, ["image_id", "layer", "neuron"]))
     carried = images.select([*plan.columns, "layer", "neuron"])
+    schema = carried.schema.insert(0, pa.field("class", pa.string()))
     written = {}
     for grouping in BY:
         classes = pc.cast(images.column(grouping), pa.string()).combine_chunks()
@@ -110,10 +112,12 @@ def write_partition(run: str | RunStore, plan: PartitionPlan, part: int) -> dict
                                        | pc.fill_null(pc.not_equal(ordered_classes[1:], ordered_classes[:-1]), True)
                                        .to_numpy(zero_copy_only=False)])
         bounds = np.r_[new_run, len(order)]
-        for bucket in np.unique(ordered_buckets[ordered_buckets >= 0]):
-            runs = [(start, stop) for start, stop in zip(bounds[:-1], bounds[1:]) if ordered_buckets[start] == bucket]
+        # (start, stop) of each class's rows, grouped by bucket (rows without a class sort first, bucket -1)
+        for bucket, runs in itertools.groupby(zip(bounds[:-1], bounds[1:]), key=lambda span: ordered_buckets[span[0]]):
+            if bucket < 0:
+                continue
+            runs = list(runs)
             relative = f"{plan.directory}/bucket-{bucket:05d}/part-{part:05d}.parquet"
-            schema = carried.schema.insert(0, pa.field("class", pa.string()))
             with run.open_atomic(relative) as stream, pq.ParquetWriter(stream, schema, compression="lz4") as out:
                 for chunk in _chunks(runs, TAKE_ROWS):
                     first, last = chunk[0][0], chunk[-1][1]
@@ -184,11 +188,10 @@ def _with_neuron_lists(images: pa.Table, neurons: pa.Table) -> pa.Table:
     # where each owner's run of rows starts in the sorted table
     starts = np.flatnonzero(np.r_[True, pc.not_equal(owners[1:], owners[:-1]).to_numpy(zero_copy_only=False)]) \
         if len(owners) else np.zeros(0, np.int64)
-    offsets = pa.array(np.r_[starts, len(owners)].astype(np.int32))
+    # one list per owner, then one more, empty, for the images without neurons
+    offsets = pa.array(np.r_[starts, len(owners), len(owners)].astype(np.int32))
     position = pc.index_in(images.column("image_id"), value_set=pc.take(owners, pa.array(starts)))
-    empty = pa.array([len(starts)], pa.int32())  # one more list, empty, for images without neurons
-    position = pc.fill_null(position, empty[0])
-    offsets = pa.concat_arrays([offsets, pa.array([len(owners)], pa.int32())])
+    position = pc.fill_null(position, pa.scalar(len(starts), pa.int32()))
     layer = pa.ListArray.from_arrays(offsets, neurons.column("layer").combine_chunks().cast(pa.string()))
     neuron = pa.ListArray.from_arrays(offsets, neurons.column("neuron").combine_chunks().cast(pa.int32()))
     return images.append_column("layer", layer.take(position)).append_column("neuron", neuron.take(position))

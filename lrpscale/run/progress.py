@@ -1,6 +1,7 @@
 """How an audit reports where it stands: a ``Progress`` per batch of results reaching the driver,
-handed to a callback; ``log_progress`` logs a line every few seconds. Imports no torch, so the
-command line can set up its display before anything heavy loads."""
+handed to a callback; ``log_progress`` logs a line every few seconds; ``gather`` waits for Ray
+tasks and logs how many are done. Imports no torch, so the command line can set up its display
+before anything heavy loads."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("lrpscale.run")
+PROGRESS_SECONDS = 5.0  # ``gather`` logs a line at most this often, and one at the end
 
 
 @dataclass
@@ -54,3 +56,26 @@ def log_progress(every: float = 5.0) -> ProgressCallback:
 
     return report
 
+
+def gather(refs: list, what: str, started: float | None = None) -> list:
+    """``ray.get`` of each of ``refs``, in their order, fetched as they finish; logs
+    "<what>: <done>/<all>, <seconds> s" (seconds since ``started``, by default the call) at most every
+    ``PROGRESS_SECONDS`` and at the end. On an error (or Ctrl-C) the tasks still pending are
+    cancelled, so none runs on for nothing."""
+    import ray
+
+    started = time.time() if started is None else started
+    pending, results, shown = set(refs), {}, time.time()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
+            for ref in done:
+                pending.discard(ref)
+                results[ref] = ray.get(ref)
+            if not pending or time.time() - shown >= PROGRESS_SECONDS:
+                log.info("%s: %d/%d, %.0f s", what, len(results), len(refs), time.time() - started)
+                shown = time.time()
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+    return [results[ref] for ref in refs]

@@ -34,12 +34,12 @@ from lrpscale.results.references import (
     references_table,
     write_references,
 )
+from lrpscale.run.progress import gather
 from lrpscale.run.session import default_actors, ensure_ray, storage_options
 from lrpscale.storage.store import CLASSES, RunStore
 
 log = logging.getLogger(__name__)
 IMAGES_PER_TASK = 64  # chosen images decoded and explained as one unit of work
-PROGRESS_SECONDS = 5.0
 
 
 @dataclass
@@ -134,29 +134,23 @@ def _crops(store: RunStore, info: dict, keys: pd.DataFrame, settings: ReferenceS
     decode = ray.remote(num_cpus=1, **storage_options())(decoding.decode_rows)
     crop = functools.partial(reference_crop, threshold=settings.threshold, crop_pixels=settings.crop_pixels)
     by_image = keys.groupby("image_id", sort=False)
-    pending, out = {}, {}
+    names, calls = [], []
     try:
         for number, task in enumerate(tasks):
             part = rows.take(task)
-            requests, names = [], []
+            requests, part_names = [], []
             for position, image_id in enumerate(part.column("image_id").to_pylist()):
                 for layer, neuron in zip(by_image.get_group(image_id)["layer"], by_image.get_group(image_id)["neuron"]):
                     requests.append((position, layer, int(neuron)))
-                    names.append((image_id, layer, int(neuron)))
+                    part_names.append((image_id, layer, int(neuron)))
             decoded = decode.remote(part, config.image_size, config.max_pixels)
-            pending[actors[number % num_actors].conditional_heatmaps.remote(decoded, requests, crop)] = names
-        started, shown, total = time.time(), time.time(), len(pending)
+            calls.append(actors[number % num_actors].conditional_heatmaps.remote(decoded, requests, crop))
+            names.append(part_names)
         log.info("references: %d conditional heatmaps of %d images on %d actors", len(keys), rows.num_rows, num_actors)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
-            for ref in done:
-                out.update(zip(pending.pop(ref), ray.get(ref)))
-            if not pending or time.time() - shown >= PROGRESS_SECONDS:
-                log.info("references: %d/%d parts done, %.0f s", total - len(pending), total, time.time() - started)
-                shown = time.time()
+        out = {}
+        for part_names, crops in zip(names, gather(calls, "references: parts done")):
+            out.update(zip(part_names, crops))
     finally:
-        for ref in pending:
-            ray.cancel(ref)
         for actor in actors:
             ray.kill(actor)
     failed = sorted({name[0] for name, crop in out.items() if crop is None})

@@ -31,12 +31,12 @@ from lrpscale.results.strategies import (
     strategy_tables,
     write_strategies,
 )
+from lrpscale.run.progress import gather
 from lrpscale.run.references import ReferencesSummary, remove_references, run_references
 from lrpscale.run.session import ensure_ray, storage_options
 from lrpscale.storage.store import CLASSES, RunStore
 
 log = logging.getLogger(__name__)
-PROGRESS_SECONDS = 5.0  # a progress line at most this often, and one at the end
 
 
 @dataclass
@@ -104,13 +104,13 @@ def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: i
         stage = time.time()
         regroup = ray.remote(**options)(write_partition)
         plan_ref = ray.put(plan)  # its shard names and buckets go to the object store once, not once per task
-        written = _gather([regroup.remote(location, plan_ref, part) for part in range(len(plan.parts))],
-                          "parts regrouped", started)
+        written = gather([regroup.remote(location, plan_ref, part) for part in range(len(plan.parts))],
+                         "strategies: parts regrouped", started)
         files = bucket_files(written)
         stages["regroup"], stage = time.time() - stage, time.time()
         task = ray.remote(**options)(analyse_strategy_class)
-        parts = _gather([task.remote(location, files[plan.buckets[grouping, cls]], grouping, cls, settings)
-                         for grouping, cls in zip(index["grouping"], index["class"])], "classes done", started)
+        parts = gather([task.remote(location, files[plan.buckets[grouping, cls]], grouping, cls, settings)
+                        for grouping, cls in zip(index["grouping"], index["class"])], "strategies: classes done", started)
         stages["classes"] = time.time() - stage
     finally:
         remove_partitions(store, plan)
@@ -125,24 +125,3 @@ def run_strategies(run: str | Path | RunStore, features: str = "heatmap", cap: i
     return StrategiesSummary(tables["strategy_classes"].to_pandas(), local / CLASSES if local else store.classes_path(),
                              seconds, settings, found, stages)
 
-
-def _gather(refs: list, what: str, started: float) -> list:
-    """The results of ``refs`` in completion order, logging "<done>/<all> <what>" at most every
-    ``PROGRESS_SECONDS`` and at the end; on an error (or Ctrl-C) the tasks still pending are
-    cancelled, so none runs on for nothing."""
-    import ray
-
-    pending, results, shown = set(refs), [], time.time()
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROGRESS_SECONDS, fetch_local=True)
-            for ref in done:
-                pending.discard(ref)
-                results.append(ray.get(ref))
-            if not pending or time.time() - shown >= PROGRESS_SECONDS:
-                log.info("strategies: %d/%d %s, %.0f s", len(results), len(refs), what, time.time() - started)
-                shown = time.time()
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
-    return results
