@@ -237,7 +237,10 @@ def test_ctrl_c_ends_cleanly_with_exit_130(digits_folder, tiny_weights, tmp_path
     command = [sys.executable, "-m", "lrpscale.cli", "run", "--input", str(digits_folder), "--output", str(output),
                "--model", "vgg11", "--weights", str(tiny_weights), "--image-size", "32", "--shard-size", "2",
                "--batch-size", "2", "--no-reduce"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a Ctrl-C as in a terminal: a shell starts background commands (`make test &`, a CI runner's
+    # script) with SIGINT ignored, and the child would inherit that and never see the signal
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (output / "_commits").is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
